@@ -1,0 +1,169 @@
+"""The `fer-tune` command: a thin layer over the library (tests call the library directly)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from fer_tune.errors import UserError
+
+
+def parse_duration(text: str) -> float:
+    """'900', '900s', '15m', '1.5h' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    text = str(text).strip().lower()
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 900, 15m, 1.5h)") from None
+
+
+def parse_assignment(text: str) -> tuple[str, object]:
+    """'key=value' with a YAML value: lr=3e-4, model_kwargs={width: 0.5}, nesterov=false."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"--set {key}: value {value!r} is not valid YAML") from None
+
+
+# -- data -------------------------------------------------------------------------------------
+
+def cmd_data_prepare(args) -> None:
+    from fer_tune import data
+
+    data.prepare(args.source, args.path, name=args.name, data_root=args.data_root, size=args.size,
+                 rgb=args.rgb, val_fraction=args.val_fraction, seed=args.seed)
+
+
+def cmd_data_info(args) -> None:
+    from fer_tune import data
+
+    print(data.describe(data.load(args.name, args.data_root, verify=True).meta))
+
+
+def cmd_data_list(args) -> None:
+    from fer_tune import data
+
+    names = data.list_prepared(args.data_root)
+    root = data.default_data_root(args.data_root)
+    if not names:
+        print(f"no prepared datasets under {root}; run: fer-tune data prepare fer2013 PATH")
+    for name in names:
+        print(name)
+
+
+# -- models -----------------------------------------------------------------------------------
+
+def cmd_models(args) -> None:
+    from fer_tune.models import describe_models
+
+    print(describe_models(img_size=args.img_size))
+
+
+# -- train ------------------------------------------------------------------------------------
+
+TRAIN_FLAGS = ("model", "epochs", "time_budget", "batch_size", "lr", "optimizer", "seed", "subset",
+               "aug_strength", "precision")
+
+
+def cmd_train(args) -> None:
+    from fer_tune import data
+    from fer_tune.train import TrainConfig
+    from fer_tune.train.run import default_run_dir, train_run
+
+    overrides = dict(args.set or [])
+    overrides.update({k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
+    if args.config:
+        cfg = TrainConfig.from_yaml(args.config, overrides)
+    else:
+        cfg = TrainConfig.from_dict(overrides, source="flags")
+    dataset = data.load(args.dataset, args.data_root)
+    out = Path(args.out) if args.out else default_run_dir(args.results, cfg.model)
+    print(f"training {cfg.model} on {dataset.name} -> {out}")
+    result = train_run(cfg, dataset, out, device=args.device, progress=not args.quiet)
+    best = result.best
+    print(f"done: {result.epochs_run} epochs ({result.stop_reason}); best epoch {best['epoch']}: "
+          f"val_acc {best['val_acc']:.4f}, val_macro_f1 {best['val_macro_f1']:.4f}; checkpoint {out / 'best.pt'}")
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fer-tune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def data_root_flag(p):
+        p.add_argument("--data-root", help="where prepared datasets live (default: $FER_TUNE_DATA or ./data)")
+
+    p_data = sub.add_parser("data", help="prepare and inspect datasets")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_sub.add_parser("prepare", help="decode a dataset once into the prepared format")
+    p.add_argument("source", choices=["fer2013", "rafdb", "imagefolder"])
+    p.add_argument("path", help="zip archive, extracted folder, or fer2013.csv")
+    p.add_argument("--name", help="name of the prepared dataset (default: the source name)")
+    p.add_argument("--size", type=int, help="image side in pixels (default 48)")
+    p.add_argument("--rgb", action="store_true", help="keep colour (default: grayscale)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="val slice of train where the source has no val split")
+    p.add_argument("--seed", type=int, default=0)
+    data_root_flag(p)
+    p.set_defaults(func=cmd_data_prepare)
+    p = data_sub.add_parser("info", help="counts, shape and duplicate report of a prepared dataset")
+    p.add_argument("name")
+    data_root_flag(p)
+    p.set_defaults(func=cmd_data_info)
+    p = data_sub.add_parser("list", help="prepared datasets")
+    data_root_flag(p)
+    p.set_defaults(func=cmd_data_list)
+
+    p = sub.add_parser("models", help="model names with parameter counts and forward cost")
+    p.add_argument("--img-size", type=int, default=48)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train one model (the same loop every search trial runs)")
+    p.add_argument("--model", help="a registry name (see `fer-tune models`) or timm/<name>")
+    p.add_argument("--config", help="YAML file of training config keys (flags override it)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--time-budget", type=parse_duration, help="size the schedule to fit, e.g. 15m")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer")
+    p.add_argument("--aug-strength", type=float)
+    p.add_argument("--subset", type=float, help="stratified fraction of train")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", type=parse_assignment, metavar="KEY=VALUE",
+                   help="any other config key, e.g. --set label_smoothing=0.05 (repeatable)")
+    p.add_argument("--dataset", default="fer2013", help="prepared dataset name or path (default fer2013)")
+    p.add_argument("--results", default="results", help="results root (default ./results)")
+    p.add_argument("--out", help="run folder (default results/train/<model>-<time>)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    data_root_flag(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"fer-tune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fer-tune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The one training loop: `fit(config, data, reporter)`.
+
+Used by `fer-tune train`, by every search trial (inside a Ray Train worker or directly in a Tune
+trainable), by retraining and by fine-tuning. It reads top to bottom:
+
+1. put the whole train and val splits on the device as uint8 tensors;
+2. build the model, optimizer, schedule and loss from the config;
+3. per epoch: a seeded permutation, batches indexed from the resident tensor, batched on-device
+   augmentation, autocast forward/backward, one optimizer and schedule step per batch;
+4. evaluate on val, hand metrics and a checkpoint maker to the reporter, keep the best weights.
+
+With `torch.distributed` initialised (Ray Train with several workers) the model is wrapped in DDP
+and every worker trains on its own shard of each epoch's permutation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fer_tune.models import create_model
+from fer_tune.train.augment import augment, mix_batch
+from fer_tune.train.config import TrainConfig
+from fer_tune.train.losses import class_weights
+from fer_tune.train.metrics import scores_from_confusion, confusion_matrix
+from fer_tune.train.optim import Schedule, make_optimizer
+from fer_tune.train.report import Reporter
+from fer_tune.train.runtime import autocast, normalize, pick_device, predict_logits, resolve_precision
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainData:
+    """The arrays one run trains on: uint8 images (N, C, H, W) and int64 labels per split."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    classes: tuple[str, ...]
+
+    @classmethod
+    def from_prepared(cls, dataset, subset: float = 1.0, seed: int = 0) -> "TrainData":
+        """Train and val arrays of a prepared dataset; `subset` < 1 keeps a stratified slice of train."""
+        from fer_tune.data import stratified_indices
+
+        train_x, train_y = dataset.arrays("train")
+        if subset < 1.0:
+            keep = stratified_indices(train_y, subset, seed)
+            train_x, train_y = train_x[keep], train_y[keep]
+        val_x, val_y = dataset.arrays("val")
+        return cls(train_x, train_y, val_x, val_y, tuple(dataset.classes))
+
+
+@dataclass
+class FitResult:
+    config: TrainConfig  # as run (epochs resolved when a time budget sized them)
+    history: list[dict]
+    best: dict  # metrics of the epoch selected by config.select_metric
+    epochs_run: int
+    stop_reason: str  # "completed", "early_stopped" or "stopped" (by the reporter, e.g. ASHA)
+    best_state: dict = field(repr=False)  # model weights of the best epoch, on the CPU
+    norm: tuple[float, float] = (0.5, 0.25)
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1]
+
+
+def pixel_stats(images: np.ndarray) -> tuple[float, float]:
+    """Mean and std of uint8 pixels in [0, 1] units, from a histogram (no float copy of the data)."""
+    hist = np.bincount(np.asarray(images).reshape(-1), minlength=256).astype(np.float64)
+    values = np.arange(256) / 255.0
+    mean = float((hist * values).sum() / hist.sum())
+    std = float(math.sqrt((hist * (values - mean) ** 2).sum() / hist.sum()))
+    return mean, max(std, 1e-3)
+
+
+def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
+        device: str | torch.device | None = None, resume: dict | None = None) -> FitResult:
+    """Train one model as `cfg` says and return its history and best weights."""
+    reporter = reporter or Reporter()
+    device = pick_device(device)
+    precision = resolve_precision(cfg.precision, device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    torch.manual_seed(cfg.seed)
+    order_gen = torch.Generator().manual_seed(cfg.seed)  # same on every worker: one permutation to shard
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
+
+    # 1. The data, resident on the device.
+    train_x = torch.as_tensor(np.ascontiguousarray(data.train_x)).to(device)
+    train_y = torch.as_tensor(np.asarray(data.train_y, dtype=np.int64)).to(device)
+    val_x = torch.as_tensor(np.ascontiguousarray(data.val_x)).to(device)
+    val_y = torch.as_tensor(np.asarray(data.val_y, dtype=np.int64)).to(device)
+    num_classes = len(data.classes)
+    in_chans, img_size = train_x.shape[1], train_x.shape[-1]
+    mean, std = tuple(resume["norm"]) if resume else pixel_stats(data.train_x)
+    shard = len(train_x) // world
+    steps_per_epoch = max(1, shard // cfg.batch_size)
+    batch = min(cfg.batch_size, shard)
+
+    # 2. Model, optimizer, loss, schedule.
+    model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, dropout=cfg.dropout,
+                         img_size=img_size, pretrained=cfg.pretrained, **cfg.model_kwargs).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    counts = np.bincount(np.asarray(data.train_y), minlength=num_classes)
+    weights = class_weights(counts, cfg.class_weights, cfg.cb_beta)
+    weights = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if cfg.compile:
+        net = torch.compile(net)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, opt, sched) -> tuple[torch.Tensor, torch.Tensor]:
+        x = augment(x.float().div_(255.0), cfg.aug_strength, gen)
+        targets = F.one_hot(y, num_classes).float()
+        x, targets = mix_batch(x, targets, cfg.mixup, cfg.cutmix, gen)
+        x = normalize(x, mean, std, cfg.channels_last)
+        with autocast(device, precision):
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), targets, weight=weights, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        if sched is not None:
+            sched.step()
+        return loss.detach(), logits.detach()
+
+    if cfg.time_budget > 0 and resume is None:
+        cfg = cfg.replace(epochs=_epochs_for_budget(cfg, model, optimizer, train_step, train_x, train_y, val_x,
+                                                   steps_per_epoch, batch, precision, mean, std, world))
+    schedule = Schedule(optimizer, cfg, steps_per_epoch)
+
+    def evaluate() -> dict:
+        logits = predict_logits(model, val_x, mean=mean, std=std, batch_size=cfg.eval_batch_size,
+                                precision=precision, channels_last=cfg.channels_last)
+        scores = scores_from_confusion(confusion_matrix(val_y, logits.argmax(1), num_classes))
+        return {"val_loss": float(F.cross_entropy(logits, val_y)), "val_acc": scores["accuracy"],
+                "val_macro_f1": scores["macro_f1"]}
+
+    sign = -1.0 if cfg.select_metric == "val_loss" else 1.0
+    history: list[dict] = []
+    best: dict = {}
+    best_state: dict = {}
+    start_epoch, since_best = 1, 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        order_gen.set_state(resume["rng"]["order"])
+        aug_gen.set_state(resume["rng"]["aug"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        history = list(resume.get("history", []))
+        best = dict(resume.get("best", {}))
+        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        start_epoch = int(resume["epoch"]) + 1
+
+    def make_checkpoint(epoch: int) -> dict:
+        return {
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "config": cfg.to_dict(), "classes": list(data.classes), "in_chans": int(in_chans),
+            "img_size": int(img_size), "norm": [mean, std], "epoch": epoch, "history": history,
+            "best": best, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "rng": {"order": order_gen.get_state(), "aug": aug_gen.get_state().cpu(), "torch": torch.get_rng_state()},
+        }
+
+    reporter.start({"epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch, "precision": precision,
+                    "device": str(device), "params": sum(p.numel() for p in model.parameters()),
+                    "train_images": len(train_x), "val_images": len(val_x), "world_size": world,
+                    "config": cfg.to_dict()})
+    stop_reason = "completed"
+    try:
+        # 3. Epochs.
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            order = torch.randperm(len(train_x), generator=order_gen)[rank::world][: steps_per_epoch * batch].to(device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            for step in range(steps_per_epoch):
+                idx = order[step * batch:(step + 1) * batch]
+                y = train_y[idx]
+                loss, logits = train_step(train_x[idx], y, aug_gen, optimizer, schedule)
+                loss_sum += loss * len(idx)
+                correct += (logits.argmax(1) == y).sum()
+                reporter.step()
+            totals = torch.stack([loss_sum, correct.float()])
+            if world > 1:
+                dist.all_reduce(totals)
+            seen = steps_per_epoch * batch * world
+            train_loss, train_acc = float(totals[0]) / seen, float(totals[1]) / seen
+            if not math.isfinite(train_loss):
+                raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch} (lr {schedule.lr:.3g})")
+            train_seconds = time.perf_counter() - t0
+
+            # 4. Validation, reporting, selection.
+            metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, **evaluate(),
+                       "lr": schedule.lr, "epoch_seconds": time.perf_counter() - t0,
+                       "images_per_second": seen / train_seconds}
+            schedule.epoch_end(metrics[cfg.select_metric])
+            history.append(metrics)
+            is_best = not best or sign * metrics[cfg.select_metric] > sign * best[cfg.select_metric]
+            if is_best:
+                best = dict(metrics)
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                since_best = 0
+            else:
+                since_best += 1
+            reporter.report(metrics, lambda: make_checkpoint(epoch), is_best)
+            if reporter.should_stop():
+                stop_reason = "stopped"
+                break
+            if cfg.early_stop_patience and since_best >= cfg.early_stop_patience:
+                stop_reason = "early_stopped"
+                break
+    finally:
+        reporter.close()
+    return FitResult(config=cfg, history=history, best=best, epochs_run=len(history), stop_reason=stop_reason,
+                     best_state=best_state, norm=(mean, std))
+
+
+def _epochs_for_budget(cfg, model, optimizer, train_step, train_x, train_y, val_x, steps_per_epoch, batch,
+                       precision, mean, std, world) -> int:
+    """How many epochs fit in cfg.time_budget: time a few real training steps and an eval pass,
+    then restore the model and optimizer to their initial state."""
+    t_start = time.perf_counter()
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(optimizer.state_dict())
+    gen = torch.Generator(device=train_x.device).manual_seed(12345)
+    idx = torch.arange(batch, device=train_x.device)
+    warmup, timed = 3, 10
+    for i in range(warmup + timed):
+        if i == warmup:
+            t0 = time.perf_counter()
+        train_step(train_x[idx], train_y[idx], gen, optimizer, None)
+    step_seconds = (time.perf_counter() - t0) / timed
+    model.load_state_dict(saved_model)
+    optimizer.load_state_dict(saved_opt)
+    probe = val_x[: cfg.eval_batch_size * 2]
+    t0 = time.perf_counter()
+    predict_logits(model, probe, mean=mean, std=std, batch_size=cfg.eval_batch_size, precision=precision,
+                   channels_last=cfg.channels_last)
+    eval_seconds = (time.perf_counter() - t0) * len(val_x) / max(1, len(probe))
+    epoch_seconds = torch.tensor([steps_per_epoch * step_seconds + eval_seconds], device=train_x.device)
+    if world > 1:
+        dist.all_reduce(epoch_seconds, op=dist.ReduceOp.MAX)
+    remaining = cfg.time_budget - (time.perf_counter() - t_start)
+    return max(1, int(remaining / (float(epoch_seconds) * 1.05)))

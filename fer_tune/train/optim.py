@@ -1,0 +1,80 @@
+"""Optimizers and learning-rate schedules of the training loop.
+
+L2 / weight decay: `weight_decay` is the one L2 knob. For adam, sgd, rmsprop and adagrad it is
+classic L2 regularisation (wd * w added to the gradient, so with Adam it is rescaled per weight by
+the adaptive denominator); for adamw it is decoupled decay (w <- w - lr * wd * w, Loshchilov &
+Hutter), which is why good adamw values are typically 10-100x larger than good adam values.
+Biases and normalisation parameters (1-d tensors) are never decayed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fer_tune.train.config import TrainConfig
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(groups, lr=cfg.lr)
+    raise ValueError(cfg.optimizer)
+
+
+class Schedule:
+    """A learning-rate schedule stepped after every batch (`step`) and after every epoch (`epoch_end`)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+        total = max(1, cfg.epochs * steps_per_epoch)
+        self.per_step = None
+        self.plateau = None
+        if cfg.schedule == "cosine":
+            warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+
+            def factor(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                progress = (step - warm) / max(1, total - warm)
+                return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+            self.per_step = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        elif cfg.schedule == "onecycle":
+            self.per_step = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+        elif cfg.schedule == "plateau":
+            mode = "min" if cfg.select_metric == "val_loss" else "max"
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=2)
+        self.optimizer = optimizer
+
+    def step(self) -> None:
+        if self.per_step is not None:
+            self.per_step.step()
+
+    def epoch_end(self, metric: float) -> None:
+        if self.plateau is not None:
+            self.plateau.step(metric)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        inner = self.per_step or self.plateau
+        return inner.state_dict() if inner is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        inner = self.per_step or self.plateau
+        if inner is not None and state:
+            inner.load_state_dict(state)

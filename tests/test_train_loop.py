@@ -1,0 +1,125 @@
+"""The one training loop, end to end on small learnable data."""
+
+import math
+
+import pytest
+import torch
+
+from fer_tune.train import (MemoryReporter, Reporter, RunFolderReporter, TrainConfig, TrainingDiverged, fit,
+                            load_checkpoint, model_from_checkpoint)
+from fer_tune.train.runtime import predict_logits
+
+FAST = dict(model="simple_cnn", model_kwargs={}, batch_size=64, lr=3e-3, epochs=3, aug_strength=0.3, seed=7)
+
+
+def test_short_training_lowers_the_loss_and_learns(toy_data):
+    rep = MemoryReporter()
+    result = fit(TrainConfig(**FAST), toy_data, rep)
+    losses = [h["train_loss"] for h in rep.history]
+    assert losses[-1] < losses[0]
+    assert result.best["val_acc"] > 0.5  # 7 classes: chance is ~0.14
+    assert set(rep.history[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr",
+                                   "epoch_seconds", "images_per_second"}
+    assert rep.info["steps_per_epoch"] == 640 // 64
+    assert result.stop_reason == "completed" and result.epochs_run == 3
+
+
+def test_seeded_runs_are_identical_on_cpu(toy_data):
+    cfg = TrainConfig(**{**FAST, "epochs": 2, "mixup": 0.2, "dropout": 0.3})
+    a, b = fit(cfg, toy_data), fit(cfg, toy_data)
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_seconds", "images_per_second")} for e in h]
+    assert strip(a.history) == strip(b.history)
+    c = fit(cfg.replace(seed=8), toy_data)
+    assert strip(c.history) != strip(a.history)
+
+
+def test_run_folder_and_checkpoint_round_trip(toy_data, tmp_path):
+    result = fit(TrainConfig(**FAST), toy_data, RunFolderReporter(tmp_path, progress=False))
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc,val_macro_f1,lr")
+    assert len(lines) == 1 + 3
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    state = load_checkpoint(tmp_path / "best.pt")
+    assert state["best"]["epoch"] == result.best["epoch"] == state["epoch"]
+    model, cfg = model_from_checkpoint(state)
+    assert cfg.model == "simple_cnn" and state["classes"] == list(toy_data.classes)
+    for k, v in result.best_state.items():
+        assert torch.equal(model.state_dict()[k], v)
+    logits = predict_logits(model, torch.as_tensor(toy_data.val_x), mean=state["norm"][0], std=state["norm"][1])
+    acc = (logits.argmax(1) == torch.as_tensor(toy_data.val_y)).float().mean().item()
+    assert acc == pytest.approx(result.best["val_acc"], abs=0.02)  # bf16 vs fp32 inference
+
+
+def test_checkpoint_loading_refuses_arbitrary_pickles(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil(), "config": {}}, path)
+    from fer_tune.errors import UserError
+
+    with pytest.raises(UserError, match="evil.pt: not a readable fer-tune checkpoint"):
+        load_checkpoint(path)
+
+
+def test_resume_continues_exactly(toy_data, tmp_path):
+    cfg = TrainConfig(**{**FAST, "epochs": 4, "dropout": 0.2})
+    full = fit(cfg, toy_data)
+
+    class StopAfterTwo(RunFolderReporter):
+        def should_stop(self):
+            return len(list((self.run_dir / "metrics.csv").read_text().splitlines())) > 2
+
+    part = fit(cfg, toy_data, StopAfterTwo(tmp_path, progress=False, tensorboard=False))
+    assert part.stop_reason == "stopped" and part.epochs_run == 2
+    resumed = fit(cfg, toy_data, resume=load_checkpoint(tmp_path / "last.pt"))
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+    assert [[h[k] for k in keys] for h in resumed.history] == [[h[k] for k in keys] for h in full.history]
+
+
+def test_divergence_is_an_error(toy_data):
+    with pytest.raises(TrainingDiverged, match="training loss became nan"):
+        fit(TrainConfig(**{**FAST, "optimizer": "sgd", "lr": 1e12, "epochs": 2, "precision": "fp32"}), toy_data)
+
+
+def test_early_stopping_and_reporter_stop(toy_data):
+    class NeverBetter(MemoryReporter):
+        pass
+
+    result = fit(TrainConfig(**{**FAST, "epochs": 30, "lr": 1e-9, "early_stop_patience": 2,
+                                "select_metric": "val_loss", "schedule": "constant"}), toy_data, NeverBetter())
+    assert result.stop_reason == "early_stopped" and result.epochs_run < 30
+
+    class StopNow(Reporter):
+        def should_stop(self):
+            return True
+
+    assert fit(TrainConfig(**FAST), toy_data, StopNow()).epochs_run == 1
+
+
+@pytest.mark.parametrize("optimizer,schedule,weights", [
+    ("adam", "onecycle", "inverse"), ("sgd", "plateau", "sqrt_inverse"),
+    ("rmsprop", "constant", "effective"), ("adagrad", "cosine", "none"),
+])
+def test_every_optimizer_schedule_and_weighting_trains(toy_data, optimizer, schedule, weights):
+    lr = {"adam": 2e-3, "sgd": 0.05, "rmsprop": 1e-3, "adagrad": 0.02}[optimizer]
+    result = fit(TrainConfig(**{**FAST, "optimizer": optimizer, "schedule": schedule, "class_weights": weights,
+                                "lr": lr, "grad_clip": 1.0, "cutmix": 1.0}), toy_data)
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_cosine_schedule_warms_up_and_decays(toy_data):
+    rep = MemoryReporter()
+    fit(TrainConfig(**{**FAST, "epochs": 4, "warmup_epochs": 1.0}), toy_data, rep)
+    lrs = [h["lr"] for h in rep.history]
+    assert lrs[0] == pytest.approx(3e-3, rel=0.05)  # end of warm-up: the peak
+    assert lrs[0] > lrs[1] > lrs[2] > lrs[3] >= 0
+
+
+def test_time_budget_sizes_the_epochs(toy_data):
+    short = fit(TrainConfig(**{**FAST, "epochs": 1000, "time_budget": 2.0}), toy_data)
+    longer = fit(TrainConfig(**{**FAST, "epochs": 1000, "time_budget": 12.0}), toy_data)
+    assert 1 <= short.config.epochs < longer.config.epochs < 1000
+    assert short.epochs_run == short.config.epochs
