@@ -1,0 +1,27 @@
+"""The canonical class order (FER-2013's own) and the names we map to it."""
+
+CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
+# Every spelling we accept for a class folder or label name, lower-cased.
+SYNONYMS = {
+    "angry": "angry", "anger": "angry", "mad": "angry",
+    "disgust": "disgust", "disgusted": "disgust", "disgusting": "disgust",
+    "fear": "fear", "fearful": "fear", "afraid": "fear", "scared": "fear",
+    "happy": "happy", "happiness": "happy", "joy": "happy",
+    "sad": "sad", "sadness": "sad",
+    "surprise": "surprise", "surprised": "surprise",
+    "neutral": "neutral", "calm": "neutral",
+}
+
+# RAF-DB basic labels 1..7 = surprise, fear, disgust, happiness, sadness, anger, neutral.
+RAFDB_TO_CANONICAL = {1: 5, 2: 2, 3: 1, 4: 3, 5: 4, 6: 0, 7: 6}
+
+
+def canonical_class(name: str) -> str | None:
+    """The canonical class for a folder/label name, or None when we do not know it."""
+    return SYNONYMS.get(name.strip().lower())
+
+
+def accepted_names() -> str:
+    """Every accepted class name, grouped by canonical class, for error messages."""
+    return ", ".join("/".join(n for n, c in SYNONYMS.items() if c == cls) for cls in CLASSES)

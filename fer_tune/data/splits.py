@@ -1,0 +1,26 @@
+"""Split names and ids, and the stratified seeded slice that makes a validation split."""
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+TRAIN, VAL, TEST = range(3)
+
+
+def stratified_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random `fraction` of each class (at least one per present class)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        count = min(len(members), max(1, round(fraction * len(members))))
+        picked.append(rng.choice(members, size=count, replace=False))
+    return np.sort(np.concatenate(picked)) if picked else np.empty(0, dtype=np.int64)
+
+
+def slice_val(split: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A copy of `split` where a stratified `fraction` of the train images is moved to val."""
+    train = np.flatnonzero(split == TRAIN)
+    out = split.copy()
+    out[train[stratified_indices(labels[train], fraction, seed)]] = VAL
+    return out
