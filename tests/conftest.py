@@ -29,3 +29,26 @@ def toy_data():
     tx, ty = toy_arrays(640, seed=0)
     vx, vy = toy_arrays(200, seed=1)
     return TrainData(tx, ty, vx, vy, ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"))
+
+
+def write_fer_csv(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """A fer2013.csv (emotion,pixels,Usage) from 48x48 uint8 arrays per usage."""
+    lines = ["emotion,pixels,Usage"]
+    for usage, (x, y) in splits.items():
+        for img, label in zip(x, y):
+            lines.append(f"{int(label)},{' '.join(map(str, img.reshape(-1).tolist()))},{usage}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_prepared(tmp_path_factory):
+    """A prepared 'fer2013' dataset of toy images (480 train / 140 val / 140 test) and its data root."""
+    from fer_tune import data
+
+    tmp = tmp_path_factory.mktemp("toy_prepared")
+    csv = write_fer_csv(tmp / "fer2013.csv", {"Training": toy_arrays(480, 10), "PublicTest": toy_arrays(140, 11),
+                                              "PrivateTest": toy_arrays(140, 12)})
+    root = tmp / "data"
+    data.prepare("fer2013", csv, data_root=root, log=lambda *a, **k: None)
+    return root

@@ -25,8 +25,8 @@ METRICS = ("val_acc", "val_macro_f1", "val_loss")
 @dataclass
 class TrainConfig:
     # model
-    model: str = "vgg_fer"
-    model_kwargs: dict = field(default_factory=lambda: {"width": 0.5, "fc": 512})
+    model: str = "cnn4_l2"
+    model_kwargs: dict = field(default_factory=dict)  # extra arguments of the model, e.g. {width: 0.5}
     dropout: float = 0.3
     pretrained: str | None = None  # a local weights file for timm models
     # budget
