@@ -52,3 +52,28 @@ def toy_prepared(tmp_path_factory):
     root = tmp / "data"
     data.prepare("fer2013", csv, data_root=root, log=lambda *a, **k: None)
     return root
+
+
+# -- the real archives (../shared/datasets), each prepared once per test session -------------------
+
+@pytest.fixture(scope="session")
+def real_data_root(tmp_path_factory):
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip(f"{SHARED_DATASETS} is absent")
+    return tmp_path_factory.mktemp("real_data")
+
+
+@pytest.fixture(scope="session")
+def real_fer(real_data_root):
+    from fer_tune.data import load, prepare
+
+    prepare("fer2013", SHARED_DATASETS / "fer2013.zip", data_root=real_data_root, log=lambda *a: None)
+    return load("fer2013", data_root=real_data_root)
+
+
+@pytest.fixture(scope="session")
+def real_rafdb(real_data_root):
+    from fer_tune.data import load, prepare
+
+    prepare("rafdb", SHARED_DATASETS / "rafdb.zip", data_root=real_data_root, log=lambda *a: None)
+    return load("rafdb", data_root=real_data_root)

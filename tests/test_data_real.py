@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fer_tune.data import CLASSES, load, prepare
+from fer_tune.data import CLASSES, prepare
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+from conftest import SHARED_DATASETS as DATASETS
 
 pytestmark = [
     pytest.mark.realdata,
@@ -26,21 +26,19 @@ RAF_TRAIN = {"surprise": 1290, "fear": 281, "disgust": 717, "happy": 4772, "sad"
 RAF_TEST = {"surprise": 329, "fear": 74, "disgust": 160, "happy": 1185, "sad": 478, "angry": 162, "neutral": 680}
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
+@pytest.fixture
+def root(real_data_root):
+    return real_data_root
 
 
-@pytest.fixture(scope="module")
-def fer(root):
-    prepare("fer2013", DATASETS / "fer2013.zip", data_root=root, log=lambda _: None)
-    return load("fer2013", data_root=root)
+@pytest.fixture
+def fer(real_fer):
+    return real_fer
 
 
-@pytest.fixture(scope="module")
-def raf(root):
-    prepare("rafdb", DATASETS / "rafdb.zip", data_root=root, log=lambda _: None)
-    return load("rafdb", data_root=root)
+@pytest.fixture
+def raf(real_rafdb):
+    return real_rafdb
 
 
 def class_counts(ds, *splits):
