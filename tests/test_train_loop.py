@@ -123,3 +123,18 @@ def test_time_budget_sizes_the_epochs(toy_data):
     longer = fit(TrainConfig(**{**FAST, "epochs": 1000, "time_budget": 12.0}), toy_data)
     assert 1 <= short.config.epochs < longer.config.epochs < 1000
     assert short.epochs_run == short.config.epochs
+
+
+@pytest.mark.parametrize("how", ["backbone", "lower"])
+def test_fine_tuning_from_weights_with_frozen_layers(toy_data, how):
+    base = fit(TrainConfig(**{**FAST, "epochs": 1, "model": "cnn4_l2"}), toy_data)
+    tuned = fit(TrainConfig(**{**FAST, "epochs": 1, "model": "cnn4_l2", "freeze": how}), toy_data,
+                init_state=base.best_state)
+    before, after = base.best_state, tuned.best_state
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "head.3.weight" in changed  # the classifier always trains (cnn4_l2: Linear, ReLU, Dropout, Linear)
+    first_conv = "features.0.0.weight"
+    assert torch.equal(before[first_conv], after[first_conv])  # frozen in both modes
+    assert torch.equal(before["features.0.1.running_mean"], after["features.0.1.running_mean"])  # frozen BN stays put
+    last_conv = "features.3.0.weight"
+    assert torch.equal(before[last_conv], after[last_conv]) == (how == "backbone")

@@ -19,6 +19,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
 SCHEDULES = ("cosine", "onecycle", "plateau", "constant")
 CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "effective")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+FREEZE = ("none", "lower", "backbone")
 METRICS = ("val_acc", "val_macro_f1", "val_loss")
 
 
@@ -29,6 +30,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)  # extra arguments of the model, e.g. {width: 0.5}
     dropout: float = 0.3
     pretrained: str | None = None  # a local weights file for timm models
+    freeze: str = "none"  # fine-tuning: "lower" freezes the first half of the backbone, "backbone" all but the classifier
     # budget
     epochs: int = 30
     time_budget: float = 0.0  # seconds for the whole run; > 0 sizes `epochs` to fit (measured)
@@ -71,6 +73,7 @@ class TrainConfig:
         _one_of("class_weights", self.class_weights, CLASS_WEIGHTS)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("select_metric", self.select_metric, METRICS)
+        _one_of("freeze", self.freeze, FREEZE)
         _in_range("aug_strength", self.aug_strength, 0.0, 1.0)
         _in_range("dropout", self.dropout, 0.0, 0.95)
         _in_range("label_smoothing", self.label_smoothing, 0.0, 0.5)

@@ -87,8 +87,13 @@ def pixel_stats(images: np.ndarray) -> tuple[float, float]:
 
 
 def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
-        device: str | torch.device | None = None, resume: dict | None = None) -> FitResult:
-    """Train one model as `cfg` says and return its history and best weights."""
+        device: str | torch.device | None = None, resume: dict | None = None,
+        init_state: dict | None = None) -> FitResult:
+    """Train one model as `cfg` says and return its history and best weights.
+
+    `resume` (a checkpoint dict) continues an interrupted run exactly; `init_state` (model weights)
+    starts a new run from trained weights, as fine-tuning does.
+    """
     reporter = reporter or Reporter()
     device = pick_device(device)
     precision = resolve_precision(cfg.precision, device)
@@ -112,8 +117,11 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
     # 2. Model, optimizer, loss, schedule.
     model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, dropout=cfg.dropout,
                          img_size=img_size, pretrained=cfg.pretrained, **cfg.model_kwargs).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    frozen = freeze_modules(model, cfg.freeze)
     optimizer = make_optimizer(model, cfg)
     counts = np.bincount(np.asarray(data.train_y), minlength=num_classes)
     weights = class_weights(counts, cfg.class_weights, cfg.cb_beta)
@@ -190,6 +198,8 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             model.train()
+            for module in frozen:
+                module.eval()  # frozen BatchNorm keeps its statistics
             order = torch.randperm(len(train_x), generator=order_gen)[rank::world][: steps_per_epoch * batch].to(device)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
@@ -233,6 +243,32 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
         reporter.close()
     return FitResult(config=cfg, history=history, best=best, epochs_run=len(history), stop_reason=stop_reason,
                      best_state=best_state, norm=(mean, std))
+
+
+def classifier_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The final classification layer: timm's `get_classifier()`, else the last nn.Linear."""
+    if hasattr(model, "get_classifier"):
+        return model.get_classifier()
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def freeze_modules(model: torch.nn.Module, how: str) -> list[torch.nn.Module]:
+    """Freeze parameters for fine-tuning and return the modules left wholly frozen.
+
+    "backbone": everything but the classifier (a linear probe). "lower": the first half of the
+    parameter tensors below the classifier in definition order (input side first), i.e. the lower
+    half of the layers of the feature extractor.
+    """
+    if how == "none":
+        return []
+    head = {id(p) for p in classifier_of(model).parameters()}
+    body = [p for p in model.parameters() if id(p) not in head]
+    if how == "lower":
+        body = body[: len(body) // 2]
+    for p in body:
+        p.requires_grad_(False)
+    return [m for m in model.modules()
+            if list(m.parameters(recurse=False)) and not any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
 def _epochs_for_budget(cfg, model, optimizer, train_step, train_x, train_y, val_x, steps_per_epoch, batch,
