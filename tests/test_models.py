@@ -30,7 +30,7 @@ def assert_finite_grads(model):
 
 def test_builtins_are_registered():
     assert BUILTINS == ["mlp", "mlp_bn", "simple_cnn", "improved_cnn", "gap_cnn", "mini_resnet",
-                        "cnn4_l2", "cnn10", "vgg_fer"]
+                        "cnn4_l2", "cnn10", "vgg_fer", "vgg_fer_s"]
 
 
 @pytest.mark.parametrize("name", BUILTINS)

@@ -249,3 +249,9 @@ def vgg_fer(num_classes=7, in_chans=1, dropout=0.0, img_size=48, *, width=1.0, f
         raise UserError(f"fc must be a positive integer (the width of both hidden FC layers), got {fc!r}")
     features = nn.Sequential(*stages, nn.Flatten())
     return FerNet(features, dense_head(c[-1] * side * side, [fc, fc], num_classes, dropout))
+
+
+@register_model
+def vgg_fer_s(num_classes=7, in_chans=1, dropout=0.0, img_size=48, *, width=0.25, fc=256):
+    """vgg_fer at a quarter width (16-32-64-128) with 256-wide FC layers: CPU-sized, the default."""
+    return vgg_fer(num_classes, in_chans, dropout, img_size, width=width, fc=fc)

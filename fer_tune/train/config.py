@@ -26,7 +26,7 @@ METRICS = ("val_acc", "val_macro_f1", "val_loss")
 @dataclass
 class TrainConfig:
     # model
-    model: str = "cnn4_l2"
+    model: str = "vgg_fer_s"
     model_kwargs: dict = field(default_factory=dict)  # extra arguments of the model, e.g. {width: 0.5}
     dropout: float = 0.3
     pretrained: str | None = None  # a local weights file for timm models
@@ -38,7 +38,7 @@ class TrainConfig:
     # optimisation
     optimizer: str = "adamw"
     lr: float = 2e-3
-    weight_decay: float = 5e-4  # L2 knob: coupled (added to the gradient) for adam/sgd/rmsprop/adagrad, decoupled for adamw
+    weight_decay: float = 0.05  # L2 knob: coupled (added to the gradient) for adam/sgd/rmsprop/adagrad, decoupled for adamw
     momentum: float = 0.9  # sgd and rmsprop
     nesterov: bool = True  # sgd
     schedule: str = "cosine"
