@@ -138,3 +138,26 @@ def test_fine_tuning_from_weights_with_frozen_layers(toy_data, how):
     assert torch.equal(before["features.0.1.running_mean"], after["features.0.1.running_mean"])  # frozen BN stays put
     last_conv = "features.3.0.weight"
     assert torch.equal(before[last_conv], after[last_conv]) == (how == "backbone")
+
+
+def test_time_budget_replans_when_the_machine_slows_down(toy_data):
+    """Load that arrives after the first estimate must not make the run overshoot its budget."""
+    import time
+
+    class SlowsDown(MemoryReporter):
+        def step(self, loss=None):
+            if self.history:  # from epoch 2 on, every batch costs 50 ms more
+                time.sleep(0.05)
+
+        def replan(self, epochs):
+            self.replans.append(epochs)
+
+    rep = SlowsDown()
+    rep.replans = []
+    t0 = time.perf_counter()
+    result = fit(TrainConfig(**{**FAST, "epochs": 1000, "time_budget": 8.0}), toy_data, rep)
+    elapsed = time.perf_counter() - t0
+    assert rep.replans and rep.replans[-1] == result.epochs_run == result.config.epochs
+    assert elapsed < 8.0 + 1.5  # one slow epoch is ~0.5 s plus eval
+    lrs = [h["lr"] for h in rep.history]
+    assert lrs[-1] < 0.1 * max(lrs)  # the cosine schedule was shrunk to end with the run

@@ -94,6 +94,7 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
     `resume` (a checkpoint dict) continues an interrupted run exactly; `init_state` (model weights)
     starts a new run from trained weights, as fine-tuning does.
     """
+    run_start = time.perf_counter()
     reporter = reporter or Reporter()
     device = pick_device(device)
     precision = resolve_precision(cfg.precision, device)
@@ -195,7 +196,9 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
     stop_reason = "completed"
     try:
         # 3. Epochs.
-        for epoch in range(start_epoch, cfg.epochs + 1):
+        epoch = start_epoch - 1
+        while epoch < cfg.epochs:
+            epoch += 1
             t0 = time.perf_counter()
             model.train()
             for module in frozen:
@@ -239,10 +242,24 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
             if cfg.early_stop_patience and since_best >= cfg.early_stop_patience:
                 stop_reason = "early_stopped"
                 break
+            if cfg.time_budget > 0 and resume is None:
+                planned = _replan_for_budget(cfg, history, run_start, schedule)
+                if planned != cfg.epochs:
+                    cfg = cfg.replace(epochs=planned)
+                    reporter.replan(planned)
     finally:
         reporter.close()
     return FitResult(config=cfg, history=history, best=best, epochs_run=len(history), stop_reason=stop_reason,
                      best_state=best_state, norm=(mean, std))
+
+
+def _replan_for_budget(cfg: TrainConfig, history: list[dict], run_start: float, schedule: Schedule) -> int:
+    """Epochs that still fit in the time budget at the pace of the last few epochs (the machine's
+    load may have changed since the first estimate); the schedule is stretched or shrunk to match."""
+    recent = [h["epoch_seconds"] for h in history[-3:]]
+    remaining = cfg.time_budget - (time.perf_counter() - run_start)
+    done = int(history[-1]["epoch"])
+    return schedule.resize(done + max(0, int(remaining / (sum(recent) / len(recent)))))
 
 
 def classifier_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -38,25 +38,35 @@ class Schedule:
     """A learning-rate schedule stepped after every batch (`step`) and after every epoch (`epoch_end`)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-        total = max(1, cfg.epochs * steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+        self.total = max(1, cfg.epochs * steps_per_epoch)
         self.per_step = None
         self.plateau = None
         if cfg.schedule == "cosine":
-            warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+            warm = min(int(cfg.warmup_epochs * steps_per_epoch), self.total - 1)
 
             def factor(step: int) -> float:
                 if step < warm:
                     return (step + 1) / warm
-                progress = (step - warm) / max(1, total - warm)
+                progress = (step - warm) / max(1, self.total - warm)
                 return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
             self.per_step = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         elif cfg.schedule == "onecycle":
-            self.per_step = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+            self.per_step = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=self.total)
         elif cfg.schedule == "plateau":
             mode = "min" if cfg.select_metric == "val_loss" else "max"
             self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=2)
         self.optimizer = optimizer
+
+    def resize(self, epochs: int) -> int:
+        """Re-plan the run to `epochs` in total (a time budget under changing load); returns the
+        epochs the schedule can honour: cosine stretches or shrinks, onecycle can only be cut short."""
+        if isinstance(self.per_step, torch.optim.lr_scheduler.OneCycleLR):
+            epochs = min(epochs, self.total // self.steps_per_epoch)
+        else:
+            self.total = max(1, epochs * self.steps_per_epoch)
+        return epochs
 
     def step(self) -> None:
         if self.per_step is not None:

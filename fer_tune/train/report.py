@@ -27,6 +27,9 @@ class Reporter:
     def step(self, loss: float | None = None) -> None:
         """Called after every training batch (rank 0 only)."""
 
+    def replan(self, epochs: int) -> None:
+        """Called when a time budget changes the planned number of epochs."""
+
     def report(self, metrics: dict, make_checkpoint: Callable[[], dict], is_best: bool) -> None:
         """Called after every epoch; `make_checkpoint()` builds the checkpoint dict on demand."""
 
@@ -87,6 +90,9 @@ class RunFolderReporter(Reporter):
     def step(self, loss=None) -> None:
         if self._bar is not None:
             self._bar.update(1)
+
+    def replan(self, epochs: int) -> None:
+        self.info["epochs"] = epochs
 
     def report(self, metrics, make_checkpoint, is_best) -> None:
         epoch = int(metrics["epoch"])
