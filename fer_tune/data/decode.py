@@ -1,6 +1,7 @@
 """Shared reading helpers: a source (zip, folder or single file) seen as a list of members,
 parallel image decoding into one uint8 array, CSV rows, and the readers' common result."""
 
+import abc
 import csv
 import hashlib
 import io
@@ -34,7 +35,7 @@ class RawDataset:
     val_from: str | None  # where val came from, None when it must be sliced from train
 
 
-class Source:
+class Source(abc.ABC):
     """Files of a zip archive, a folder or a single file, named by relative POSIX paths (members).
     Junk (`__MACOSX/`, hidden files) is left out."""
 
@@ -46,8 +47,9 @@ class Source:
         """The member's name for messages."""
         return f"{self.path}/{member}"
 
+    @abc.abstractmethod
     def open(self, member: str) -> BinaryIO:
-        raise NotImplementedError
+        """A binary file object for one member."""
 
     def read(self, member: str) -> bytes:
         with self.open(member) as f:
