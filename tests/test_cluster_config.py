@@ -1,0 +1,55 @@
+"""cluster/gpu.yaml passes Ray's own cluster-config validation, offline, and matches the project."""
+
+import copy
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_YAML = ROOT / "cluster" / "gpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def config():
+    return yaml.safe_load(GPU_YAML.read_text())
+
+
+def pinned(package: str) -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if re.match(rf"{package}(\[|=)", d))
+    return spec.split("==")[1]
+
+
+def test_ray_validates_the_launcher_config(config):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)  # raises on any schema violation
+    assert prepared["head_node_type"] == "head"
+    gpu_types = [t for t in prepared["available_node_types"] if t != "head"]
+    assert gpu_types and all(prepared["available_node_types"][t]["min_workers"] == 0 for t in gpu_types)
+
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["head"]["node_confg"] = {}
+    with pytest.raises(Exception, match="node_confg"):
+        validate_config(prepare_config(broken))
+
+
+def test_image_matches_the_pinned_ray_and_python(config):
+    image = config["docker"]["image"]
+    assert image.startswith(f"rayproject/ray:{pinned('ray')}-py311-")
+    assert image.endswith("-gpu") or re.search(r"-cu\d+$", image)
+
+
+def test_referenced_files_exist_and_nothing_is_exposed(config):
+    for target, source in config["file_mounts"].items():
+        assert (ROOT / source).exists(), f"file_mounts {target}: {source} is not in the project"
+        assert any(target in cmd for cmd in config["setup_commands"])
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start  # reached through `ray dashboard`, not the internet
+    text = GPU_YAML.read_text().lower()
+    for secret in ("aws_access_key", "aws_secret", "ray_auth_mode=disabled", "password"):
+        assert secret not in text
