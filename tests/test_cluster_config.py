@@ -53,3 +53,29 @@ def test_referenced_files_exist_and_nothing_is_exposed(config):
     text = GPU_YAML.read_text().lower()
     for secret in ("aws_access_key", "aws_secret", "ray_auth_mode=disabled", "password"):
         assert secret not in text
+
+
+def test_kuberay_manifest_has_what_kuberay_requires():
+    manifest = yaml.safe_load((ROOT / "cluster" / "kuberay.yaml").read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayCluster"
+    assert manifest["metadata"]["name"]
+    spec = manifest["spec"]
+    assert spec["rayVersion"] == pinned("ray")
+    head = spec["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict) and head["serviceType"] == "ClusterIP"
+    assert head["template"]["spec"]["containers"][0]["image"]
+    assert spec["workerGroupSpecs"]
+    for group in spec["workerGroupSpecs"]:
+        assert group["groupName"] and isinstance(group["rayStartParams"], dict)
+        assert 0 == group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        container = group["template"]["spec"]["containers"][0]
+        assert container["image"] and int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+
+
+def test_dockerfile_base_matches_the_launcher_image(config):
+    dockerfile = (ROOT / "cluster" / "Dockerfile").read_text()
+    assert f"FROM {config['docker']['image']}" in dockerfile
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY"):
+            for source in line.split()[2:-1] if "--chown" in line else line.split()[1:-1]:
+                assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the project"
