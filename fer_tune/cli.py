@@ -97,7 +97,10 @@ def cmd_train(args) -> None:
 # -- parser -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fer-tune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fer-tune",
+        description="Hyperparameter search for facial expression recognition (Ray Tune + Optuna + ASHA).",
+        epilog="Start with: fer-tune data prepare fer2013 PATH/TO/fer2013.zip; then fer-tune search --space cnn")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def data_root_flag(p):
@@ -148,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     data_root_flag(p)
     p.set_defaults(func=cmd_train)
+
+    from fer_tune.search.cli import add_commands as add_search_commands
+
+    add_search_commands(sub, data_root_flag)
+
+    from fer_tune.evaluate.cli import add_commands as add_evaluate_commands
+
+    add_evaluate_commands(sub, data_root_flag)
     return parser
 
 

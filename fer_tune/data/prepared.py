@@ -146,7 +146,7 @@ def prepare(
     root = default_data_root(data_root)
     arrays = {"images": images, "labels": labels, "split": split, "train_copy": train_copy}
     try:
-        with _atomic_dir(root, name) as tmp:
+        with atomic_dir(root, name) as tmp:
             for key in ARRAYS:
                 np.save(tmp / f"{key}.npy", arrays[key])
             meta["files"] = {f"{key}.npy": file_sha256(tmp / f"{key}.npy") for key in ARRAYS}
@@ -252,7 +252,7 @@ def describe(meta: dict) -> str:
 
 
 @contextmanager
-def _atomic_dir(root: Path, name: str):
+def atomic_dir(root: Path, name: str):
     """A temp folder inside `root` that becomes `root/name` when the block succeeds (replacing an
     existing one only then); on any failure, including KeyboardInterrupt, it is removed."""
     root.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,172 @@
+"""How much a search saves, and what it costs. Prints figures; not a test.
+
+On a stratified subset of a prepared dataset (FER-2013 by default), the same number of trials and
+the same max epochs:
+
+  1. Optuna TPE + ASHA        (what `fer-tune search` does)
+  2. random search, no early stopping (every trial trains max_epochs)
+  3. random search + ASHA
+
+For each: epochs spent, wall time, best val_acc, and the epochs spent (in report order, over all
+trials) until some trial first reached (2)'s best val_acc. Then the overheads: per-trial time from
+trial start to its first report (less that epoch's own time) for both executors, and search (1)
+against the same trainings (same configs, same epochs each) in a plain in-process loop.
+
+    python benchmarks/search_efficiency.py                               # cnn space, 12 trials x 6 epochs, 10 %
+    python benchmarks/search_efficiency.py --space smoke --subset 0.02 --trials 4 --max-epochs 2   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from fer_tune import data as datasets
+from fer_tune.search import cluster
+from fer_tune.search.space import load_space
+from fer_tune.search.tuner import run_search
+from fer_tune.train import MemoryReporter, TrainData, fit
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--space", default="cnn")
+    ap.add_argument("--dataset", default="fer2013")
+    ap.add_argument("--data-root")
+    ap.add_argument("--subset", type=float, default=0.1)
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--max-epochs", type=int, default=6)
+    ap.add_argument("--grace-period", type=int, default=1)
+    ap.add_argument("--reduction-factor", type=int, default=2)
+    ap.add_argument("--executor", default="direct", choices=["train", "direct"], help="for the three searches")
+    ap.add_argument("--concurrency", type=int)
+    ap.add_argument("--num-cpus", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overhead-trials", type=int, default=4, help="trials per executor for the startup figure")
+    ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--storage", help="where the experiments go (default: a temporary folder)")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args(argv)
+
+    dataset = datasets.load(args.dataset, args.data_root)
+    data = TrainData.from_prepared(dataset, subset=args.subset, seed=args.seed)
+    space = load_space(args.space).with_budget(max_epochs=args.max_epochs, grace_period=args.grace_period,
+                                               reduction_factor=args.reduction_factor)
+    storage = Path(args.storage or tempfile.mkdtemp(prefix="fer-tune-bench-"))
+    print(f"{dataset.name}: {len(data.train_y)} train / {len(data.val_y)} val images (subset {args.subset}); "
+          f"space {space.name}, {args.trials} trials x {args.max_epochs} epochs, executor {args.executor}; "
+          f"experiments in {storage}", flush=True)
+
+    started = cluster.connect(None, num_cpus=args.num_cpus)
+    figures: dict = {"setup": vars(args)}
+    try:
+        common = dict(trials=args.trials, storage=storage, executor=args.executor, concurrency=args.concurrency,
+                      seed=args.seed, progress=False)
+        runs = {}
+        for key, sampler, asha in (("tpe_asha", "tpe", True), ("random_full", "random", False),
+                                   ("random_asha", "random", True)):
+            t0 = time.time()
+            summary = run_search(space, data, name=f"{key}-{int(t0)}", sampler=sampler, early_stopping=asha, **common)
+            runs[key] = (summary, time.time() - t0)
+            print(f"  {key}: {summary.epochs_spent} epochs, {runs[key][1]:.0f} s, best val_acc "
+                  f"{summary.best.get('best_val_acc') if summary.best else float('nan'):.4f}", flush=True)
+        target = runs["random_full"][0].best["best_val_acc"]
+        print(f"\n{'search':<26}{'epochs':>8}{'wall s':>9}{'best val_acc':>14}{'epochs to reach ' + format(target, '.4f'):>26}")
+        for key, label in (("tpe_asha", "(1) Optuna TPE + ASHA"), ("random_full", "(2) random, no early stop"),
+                           ("random_asha", "(3) random + ASHA")):
+            summary, wall = runs[key]
+            reach = epochs_to_reach(summary.table, target)
+            best = summary.best["best_val_acc"] if summary.best else float("nan")
+            print(f"{label:<26}{summary.epochs_spent:>8}{wall:>9.0f}{best:>14.4f}{str(reach or 'never'):>26}")
+            figures[key] = {"epochs": summary.epochs_spent, "wall_s": round(wall, 1), "best_val_acc": best,
+                            "epochs_to_reach_random_full_best": reach, "counts": summary.counts}
+
+        if not args.skip_overhead:
+            print("\nper-trial overhead (trial start -> first report, less that epoch), median of "
+                  f"{args.overhead_trials} one-epoch trials:")
+            for executor in ("direct", "train"):
+                summary = run_search(space.with_budget(max_epochs=1, grace_period=1), data,
+                                     name=f"overhead-{executor}-{int(time.time())}",
+                                     **{**common, "trials": args.overhead_trials, "executor": executor})
+                startup = summary.table["startup_s"].dropna().tolist()
+                med = statistics.median(startup) if startup else float("nan")
+                print(f"  {executor:<7} {med:6.1f} s   (each: {', '.join(f'{s:.1f}' for s in startup)})", flush=True)
+                figures[f"startup_{executor}_s"] = med
+
+            summary, wall = runs["tpe_asha"]
+            plain = plain_loop(space, summary, data, args.seed)
+            conc = int(summary_concurrency(storage / summary.name)) or 1
+            ideal = plain / conc
+            print(f"\nsearch (1) against the same {len(summary.table)} trainings in a plain loop:")
+            print(f"  search wall {wall:.0f} s with {conc} trials at a time; plain loop {plain:.0f} s sequential "
+                  f"(= {ideal:.0f} s at {conc} at a time); overhead {wall - ideal:.0f} s "
+                  f"({(wall - ideal) / max(1, len(summary.table)) * conc:.1f} s per trial slot)")
+            figures["plain_loop_s"] = round(plain, 1)
+            figures["search_overhead_s"] = round(wall - ideal, 1)
+    finally:
+        cluster.shutdown(started)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
+    return 0
+
+
+def epochs_to_reach(table: pd.DataFrame, target: float) -> int | None:
+    """Epochs spent over all trials, in the order they were reported, until one reached `target`."""
+    reports = []
+    for trial_dir in table["trial_dir"]:
+        path = Path(trial_dir) / "result.json"
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                r = json.loads(line)
+                if "epoch" in r and "val_acc" in r:
+                    reports.append((r.get("timestamp", 0), r.get("time_total_s", 0), r["val_acc"]))
+    for count, (_, _, acc) in enumerate(sorted(reports), start=1):
+        if acc >= target - 1e-12:
+            return count
+    return None
+
+
+def plain_loop(space, summary, data: TrainData, seed: int) -> float:
+    """The search's trainings (each trial's config and the epochs it ran) one after another."""
+    import torch
+
+    torch.set_num_threads(1)
+    configs = {}
+    for trial_dir in summary.table["trial_dir"]:
+        params = json.loads((Path(trial_dir) / "params.json").read_text())
+        configs[Path(trial_dir).name] = params
+    t0 = time.time()
+    for row in summary.table.itertuples():
+        params = configs.get(Path(row.trial_dir).name)
+        if params is None or not row.epochs:
+            continue
+        cfg = space.trial_config(params, seed=seed)  # max_epochs' schedule, stopped where ASHA stopped it
+        fit(cfg, data, StopAfter(int(row.epochs)), device="cpu")
+    return time.time() - t0
+
+
+class StopAfter(MemoryReporter):
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def should_stop(self) -> bool:
+        return len(self.history) >= self.epochs
+
+
+def summary_concurrency(exp: Path) -> float:
+    import yaml
+
+    record = yaml.safe_load((exp / "search.yaml").read_text())
+    return record["flags"]["concurrency"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""`fer-tune retrain EXPERIMENT`: the best configuration(s) of a search, retrained from scratch
+with the full budget, selected on val, tested once.
+
+    from fer_tune.evaluate import retrain
+    metrics = retrain("cnn-20250101-120000", seeds=3, tta=True)
+
+What it does:
+
+1. reads the experiment's table and takes the trial of `rank` (default 1), or the `top_k` best;
+2. trains each config `seeds` times from scratch on the full train split (`fit`, the one loop),
+   for `epochs` = `epoch_factor` x the space's `max_epochs` unless `--epochs`/`--time-budget` say
+   otherwise; each run keeps the weights of its best val epoch (the search metric);
+3. only then reads the test split, and scores every final model on it exactly once
+   (`score_on_test`); with `top_k` > 1 the K models of a seed are also averaged (softmax) into an
+   ensemble, scored from the same probabilities;
+4. writes `<experiment>/final/`: runs/<name>/ (best.pt, config.yaml, metrics.csv, TensorBoard
+   events), metrics.json, report.md and its plots. The folder is built under a temp name and
+   renamed at the end: an interrupted retrain leaves no half-written final/.
+
+Why 2 x max_epochs by default: ASHA's max_t was chosen to *rank* configurations cheaply, and the
+learning-rate schedules (cosine, one-cycle) are stretched to whatever epoch count they are given;
+the FER-2013 results we compare with train 50-300 epochs. Twice the search's longest budget is a
+middle ground a laptop can still afford; `--epoch-factor` or `--epochs` change it.
+
+With `address` the runs are Ray tasks (one per config x seed, each `cpus_per_run` CPUs and
+`gpus_per_run` GPUs, as many at once as the cluster holds); their run folders come back to the
+driver, which writes final/ as in the local case.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fer_tune.errors import UserError
+from fer_tune.evaluate import report as rep
+from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, split_scores
+from fer_tune.evaluate.experiment import Experiment, RankedConfig, read_experiment
+from fer_tune.train.checkpoint import load_checkpoint
+from fer_tune.train.config import TrainConfig
+from fer_tune.train.loop import TrainData, fit
+from fer_tune.train.report import RunFolderReporter
+
+DEFAULT_EPOCH_FACTOR = 2.0
+SUBSETS = ("all", "no_train_copy")
+
+
+@dataclass
+class RunSpec:
+    """One training run of the retrain: a ranked config with one seed."""
+
+    name: str  # rank1-seed0
+    rank: int
+    trial_id: str
+    seed: int
+    seed_index: int
+    config: TrainConfig
+    search_score: float | None = None
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    run_dir: Path
+    config: TrainConfig  # as run (epochs sized by a time budget)
+    history: list[dict]
+    best: dict
+    epochs_run: int
+    stop_reason: str
+    seconds: float
+    test: dict = field(default_factory=dict)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "best.pt"
+
+
+def retrain(experiment: str | Path | None = None, *, storage: str | Path = "results", rank: int | None = None,
+            top_k: int | None = None, seeds: int = 1, epochs: int | None = None,
+            epoch_factor: float = DEFAULT_EPOCH_FACTOR, time_budget: float | None = None, tta: bool = False,
+            subset: float = 1.0, dataset: str | None = None, data_root: str | Path | None = None,
+            address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
+            device: str | None = None, force: bool = False, progress: bool = True, log=print) -> dict:
+    """Retrain, test once, write `<experiment>/final/`; returns the metrics written to metrics.json."""
+    from fer_tune import data as datasets
+    from fer_tune.data.prepared import atomic_dir
+
+    t0 = time.time()
+    _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, cpus_per_run, gpus_per_run)
+    exp = read_experiment(experiment, storage)
+    if exp.final_dir.exists() and not force:
+        raise UserError(f"{exp.final_dir} already exists; pass --force to replace it (it is replaced only when the "
+                        "new retrain has finished)")
+    ranked = exp.ranked(top_k or rank or 1)
+    if rank:
+        ranked = ranked[rank - 1:]
+    ds = _dataset_of(exp, dataset, data_root, datasets)
+    n_epochs, epochs_rule = _epochs(exp, epochs, epoch_factor, time_budget)
+    specs = plan_runs(ranked, seeds, n_epochs, time_budget or 0.0, subset)
+    data = TrainData.from_prepared(ds, subset=subset, seed=exp.seed)
+    log(f"retraining {len(ranked)} config(s) x {seeds} seed(s) of {exp.name} on {ds.name} "
+        f"({len(data.train_y)} train / {len(data.val_y)} val images), {epochs_rule}")
+
+    with atomic_dir(exp.path, "final") as out:
+        runs = train_runs(specs, data, out / "runs", address=address, cpus_per_run=cpus_per_run,
+                          gpus_per_run=gpus_per_run, device=device, progress=progress, log=log)
+        # The test split: read once, after every model is final; each model predicts it once.
+        test = EvalData.from_prepared(ds, "test")
+        probs = {}
+        for run in runs:
+            probs[run.spec.name] = score_on_test(load_checkpoint(run.checkpoint), test.images, tta=tta, device=device)
+            run.test = split_scores(probs[run.spec.name], test.labels, test.classes, test.train_copy)
+        ensembles = _ensembles(runs, probs, test) if len(ranked) > 1 else []
+        metrics = _metrics(exp, ds, ranked, runs, ensembles, test, tta=tta, seeds=seeds, epochs_rule=epochs_rule,
+                           subset=subset, seconds=time.time() - t0)
+        write_final_report(out, metrics, runs, ds)
+    log(summary_text(metrics, exp.final_dir))
+    return metrics
+
+
+def score_on_test(state: dict, images: np.ndarray, *, tta: bool = False, device: str | None = None) -> np.ndarray:
+    """The one place a final model meets the test split: its softmax probabilities."""
+    return probs_of_checkpoint(state, images, tta=tta, device=device)
+
+
+def plan_runs(ranked: list[RankedConfig], seeds: int, epochs: int, time_budget: float, subset: float) -> list[RunSpec]:
+    """One run per (config, seed): seeds are the trial's own seed + 0..seeds-1."""
+    specs = []
+    for r in ranked:
+        for i in range(seeds):
+            seed = r.config.seed + i
+            cfg = r.config.replace(epochs=epochs, seed=seed, subset=subset, time_budget=time_budget)
+            specs.append(RunSpec(name=f"rank{r.rank}-seed{seed}", rank=r.rank, trial_id=r.trial_id, seed=seed,
+                                 seed_index=i, config=cfg, search_score=r.score))
+    return specs
+
+
+# -- training the runs -----------------------------------------------------------------------------
+
+def train_runs(specs: list[RunSpec], data: TrainData, runs_dir: Path, *, address: str | None = None,
+               cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, device: str | None = None,
+               progress: bool = True, log=print) -> list[RunResult]:
+    """Train every run: sequentially in this process, or as Ray tasks with `address`."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    if address:
+        return _train_on_ray(specs, data, runs_dir, address, cpus_per_run, gpus_per_run, log)
+    results = []
+    for i, spec in enumerate(specs, start=1):
+        log(f"[{i}/{len(specs)}] {spec.name}: {spec.config.model}, {spec.config.epochs} epochs"
+            + (f" (time budget {spec.config.time_budget:.0f} s)" if spec.config.time_budget else ""))
+        results.append(run_one(spec, data, runs_dir / spec.name, device=device, progress=progress))
+    return results
+
+
+def run_one(spec: RunSpec, data: TrainData, run_dir: Path, *, device: str | None = None,
+            progress: bool = False) -> RunResult:
+    """One run into `run_dir`: best.pt (best val epoch), config.yaml, metrics.csv, TensorBoard."""
+    t0 = time.time()
+    result = fit(spec.config, data, RunFolderReporter(run_dir, progress=progress), device=device)
+    (run_dir / "last.pt").unlink(missing_ok=True)  # resume state; a finished retrain never resumes
+    (run_dir / "config.yaml").write_text(result.config.to_yaml())
+    return RunResult(spec=spec, run_dir=run_dir, config=result.config, history=result.history, best=result.best,
+                     epochs_run=result.epochs_run, stop_reason=result.stop_reason, seconds=time.time() - t0)
+
+
+def _remote_run(spec: RunSpec, data_ref: list, threads: int, device: str | None) -> dict:
+    """Body of a Ray task: train into a temp folder, return its files and the result."""
+    import ray
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    data = ray.get(data_ref[0])
+    with tempfile.TemporaryDirectory(prefix="fer-tune-retrain-") as tmp:
+        run = run_one(spec, data, Path(tmp) / spec.name, device=device)
+        files = {p.relative_to(run.run_dir).as_posix(): p.read_bytes() for p in run.run_dir.rglob("*") if p.is_file()}
+    run.run_dir = Path(spec.name)
+    return {"run": run, "files": files}
+
+
+def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, log) -> list[RunResult]:
+    import ray
+
+    from fer_tune.search import cluster
+
+    started = cluster.connect(None if address == "local" else address, quiet=True)
+    try:
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_remote_run)
+        data_ref = ray.put(data)
+        device = "cuda" if gpus > 0 else "cpu"
+        pending = {remote.remote(s, [data_ref], int(cpus), device): s for s in specs}
+        log(f"{len(specs)} run(s) submitted to Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
+            f"{ray.cluster_resources().get('GPU', 0):g} GPUs; {cpus:g} CPU, {gpus:g} GPU per run)")
+        results = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            spec = pending.pop(done[0])
+            try:
+                payload = ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                if isinstance(cause, UserError):
+                    raise cause from None
+                raise RuntimeError(f"retrain run {spec.name} failed: {type(cause).__name__}: {cause}") from None
+            run: RunResult = payload["run"]
+            run.run_dir = runs_dir / spec.name
+            for rel, blob in payload["files"].items():
+                (run.run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                (run.run_dir / rel).write_bytes(blob)
+            results[spec.name] = run
+            best = run.best.get(spec.config.select_metric)
+            log(f"done {spec.name}: {run.epochs_run} epochs, best {spec.config.select_metric} {best:.4f}")
+        return [results[s.name] for s in specs]
+    finally:
+        cluster.shutdown(started)
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+def _ensembles(runs: list[RunResult], probs: dict, test: EvalData) -> list[dict]:
+    """Per seed index: the softmax average of the top-k configs' models."""
+    out = []
+    for i in sorted({r.spec.seed_index for r in runs}):
+        members = [r for r in runs if r.spec.seed_index == i]
+        mean = np.mean([probs[r.spec.name] for r in members], axis=0)
+        out.append({"name": f"top{len(members)}-seed{i}", "members": [r.spec.name for r in members],
+                    "test": split_scores(mean, test.labels, test.classes, test.train_copy)})
+    return out
+
+
+def stats(values: list[float]) -> dict:
+    """mean, std (sample std over seeds, 0 for one value) and the values."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+            "values": [float(v) for v in arr]}
+
+
+def summarize(tests: list[dict], classes) -> dict:
+    """Mean ± std over final models of accuracy and macro-F1 (full test and no copy in train),
+    per-class precision/recall/F1 means, and the pooled confusion matrix."""
+    out = {}
+    for subset in SUBSETS:
+        items = [t[subset] for t in tests if subset in t]
+        if not items:
+            continue
+        cm = np.sum([np.asarray(t["confusion_matrix"]) for t in items], axis=0)
+        out[subset] = {
+            "accuracy": stats([t["accuracy"] for t in items]),
+            "macro_f1": stats([t["macro_f1"] for t in items]),
+            "images": items[0]["n"],
+            "per_class": {c: {k: stats([t["per_class"][c][k] for t in items]) for k in ("precision", "recall", "f1")}
+                          | {"support": items[0]["per_class"][c]["support"]} for c in classes},
+            "pooled_confusion_matrix": cm.astype(int).tolist(),
+        }
+    return out
+
+
+def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tta, seeds, epochs_rule, subset,
+             seconds) -> dict:
+    final_tests = [e["test"] for e in ensembles] if ensembles else [r.test for r in runs]
+    return {
+        "experiment": exp.name,
+        "experiment_dir": str(exp.path),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "dataset": {"name": ds.name, "sha256": ds.sha256, "image_shape": list(ds.image_shape),
+                    "classes": list(ds.classes), "counts": ds.meta.get("counts", {}),
+                    "test_images": int(len(test.labels)),
+                    "test_with_train_copy": int(np.sum(test.train_copy)) if test.train_copy is not None else None},
+        "protocol": {"selection": f"best val epoch by {runs[0].config.select_metric}", "epochs": epochs_rule,
+                     "seeds": seeds, "top_k": len(ranked), "tta": "horizontal flip" if tta else "none",
+                     "train_subset": subset, "test_evaluations_per_model": 1,
+                     "search_metric": exp.metric, "search_mode": exp.mode},
+        "configs": [{"rank": r.rank, "trial_id": r.trial_id, f"search_best_{exp.metric}": r.score,
+                     "params": r.params, "config": r.config.to_dict()} for r in ranked],
+        "final": {"kind": f"ensemble of the top {len(ranked)} configs (softmax average)" if ensembles else
+                  "single model", "models": [e["name"] for e in ensembles] or [r.spec.name for r in runs],
+                  "test": summarize(final_tests, test.classes)},
+        "models": [{"name": r.spec.name, "rank": r.spec.rank, "trial_id": r.spec.trial_id, "seed": r.spec.seed,
+                    "checkpoint": f"runs/{r.spec.name}/best.pt", "epochs_run": r.epochs_run,
+                    "stop_reason": r.stop_reason, "best_epoch": r.best.get("epoch"), "seconds": round(r.seconds, 1),
+                    "val": {k: v for k, v in r.best.items() if k.startswith("val_")}, "config": r.config.to_dict(),
+                    "test": r.test} for r in runs],
+        "ensembles": ensembles,
+        "seconds": round(seconds, 1),
+    }
+
+
+def summary_text(metrics: dict, final_dir: Path) -> str:
+    test = metrics["final"]["test"]
+    lines = [f"final ({metrics['final']['kind']}, {metrics['protocol']['seeds']} seed(s)) on "
+             f"{metrics['dataset']['name']} test:"]
+    names = {"all": "full test", "no_train_copy": "no copy in train"}
+    for subset, s in test.items():
+        lines.append(f"  {names[subset]:17s} ({s['images']} images): accuracy {rep.pm(s['accuracy'])}, "
+                     f"macro-F1 {rep.pm(s['macro_f1'])}")
+    lines.append(f"written: {final_dir}/ (report.md, metrics.json, runs/*/best.pt)")
+    return "\n".join(lines)
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+def write_final_report(out: Path, metrics: dict, runs: list[RunResult], ds) -> None:
+    classes = list(metrics["dataset"]["classes"])
+    final = metrics["final"]["test"]
+    n_final = len(metrics["final"]["models"])
+    plots = {}
+    plots["curves"] = rep.plot_learning_curves({r.spec.name: r.history for r in runs}, out / "learning_curves.png",
+                                               f"Learning curves ({metrics['experiment']})").name
+    pooled = f", summed over {n_final} models" if n_final > 1 else ""
+    panels = {"full test split": final["all"]["pooled_confusion_matrix"]}
+    if "no_train_copy" in final:
+        panels["test images with no copy in train"] = final["no_train_copy"]["pooled_confusion_matrix"]
+    plots["cm"] = rep.plot_confusions(panels, classes, out / "confusion_matrix.png",
+                                      f"{ds.name} test{pooled}").name
+    series = {names: {c: (final[k]["per_class"][c]["f1"]["mean"], final[k]["per_class"][c]["f1"]["std"])
+                      for c in classes}
+              for k, names in (("all", "full test"), ("no_train_copy", "no copy in train")) if k in final}
+    plots["f1"] = rep.plot_per_class_f1(series, classes, out / "per_class_f1.png",
+                                        "Per-class F1 on test" + (f" (mean ± std over {n_final})" if n_final > 1 else
+                                                                  "")).name
+    counts = metrics["dataset"]["counts"]
+    if counts:
+        plots["dist"] = rep.plot_class_distribution(counts, classes, out / "class_distribution.png",
+                                                    f"{ds.name} class distribution").name
+    rep.write_json(out / "metrics.json", metrics)
+    (out / "report.md").write_text(final_markdown(metrics, plots))
+
+
+def final_markdown(m: dict, plots: dict) -> str:
+    p, d, final = m["protocol"], m["dataset"], m["final"]
+    test = final["test"]
+    classes = d["classes"]
+    first = m["configs"][0]
+    lines = [f"# Final model of `{m['experiment']}`", ""]
+    configs = ", ".join(f"rank {c['rank']} (trial `{c['trial_id']}`, {c['config']['model']})" for c in m["configs"])
+    lines += [
+        f"{final['kind'].capitalize()} from {configs}, retrained from scratch on "
+        + (f"the full `{d['name']}` train split " if p["train_subset"] >= 1 else
+           f"a stratified {p['train_subset']:.0%} of the `{d['name']}` train split (--subset) ")
+        + f"with {p['seeds']} seed(s); epochs: {p['epochs']}. Each run keeps the weights of its {p['selection']}; "
+        f"the test split ({d['test_images']} images) was scored once per model, after training. "
+        f"Test-time augmentation: {p['tta']}.", ""]
+    lines += ["## Test results", ""]
+    rows = []
+    names = {"all": "full test split", "no_train_copy": "test images with no copy in train"}
+    for subset, s in test.items():
+        rows.append([names[subset], s["images"], rep.pm(s["accuracy"]), rep.pm(s["macro_f1"])])
+    lines += [rep.md_table(["evaluated on", "images", "accuracy", "macro-F1"], rows), ""]
+    if d.get("test_with_train_copy"):
+        lines += [f"{d['test_with_train_copy']} test images have a pixel-identical copy in train; the second row "
+                  "leaves them out (the first is comparable with published FER-2013 figures).", ""]
+    if p["seeds"] > 1:
+        lines += ["± is the sample standard deviation over seeds.", ""]
+    lines += ["## Where it confuses classes", "", f"![confusion matrix]({plots['cm']})", ""]
+    top = rep.top_confusions(test["all"]["pooled_confusion_matrix"], classes, 5)
+    if top:
+        lines += ["Largest confusions (share of the true class):", ""]
+        lines += [f"- **{t}** predicted as **{pr}**: {share * 100:.1f} % ({n} images)" for t, pr, share, n in top]
+        lines.append("")
+    lines += ["## Per-class scores", "", f"![per-class F1]({plots['f1']})", ""]
+    rows = [[c, test["all"]["per_class"][c]["precision"]["mean"], test["all"]["per_class"][c]["recall"]["mean"],
+             test["all"]["per_class"][c]["f1"]["mean"], test["all"]["per_class"][c]["support"]] for c in classes]
+    lines += [rep.md_table(["class", "precision", "recall", "F1", "support"], rows), ""]
+    lines += ["## Models", ""]
+    rows = [[x["name"], x["seed"], x["epochs_run"], x["best_epoch"], x["val"].get("val_acc"),
+             x["test"]["all"]["accuracy"], x["test"]["all"]["macro_f1"],
+             x["test"].get("no_train_copy", {}).get("accuracy"), f"`{x['checkpoint']}`"] for x in m["models"]]
+    rows += [[e["name"], "", "", "", "", e["test"]["all"]["accuracy"], e["test"]["all"]["macro_f1"],
+              e["test"].get("no_train_copy", {}).get("accuracy"), "ensemble of " + ", ".join(e["members"])]
+             for e in m["ensembles"]]
+    lines += [rep.md_table(["model", "seed", "epochs", "best epoch", "val acc", "test acc", "test macro-F1",
+                            "test acc (no copy)", "checkpoint"], rows), ""]
+    lines += ["## Learning curves", "", f"![learning curves]({plots['curves']})", "",
+              "TensorBoard: `tensorboard --logdir runs/` (one run per model).", ""]
+    if "dist" in plots:
+        lines += ["## Data", "", f"![class distribution]({plots['dist']})", ""]
+        counts = d["counts"]
+        rows = [[s, *(counts[s].get(c, 0) for c in classes), sum(counts[s].values())] for s in counts]
+        lines += [rep.md_table(["split", *classes, "total"], rows), ""]
+    lines += ["## Configuration", "", f"Rank 1 (trial `{first['trial_id']}`), as retrained:", "", "```yaml"]
+    import yaml
+
+    cfg = dict(m["models"][0]["config"])
+    lines += [yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", ""]
+    lines += [f"Made by `fer-tune retrain` in {m['seconds']:.0f} s on {m['created']}; all numbers are in "
+              "`metrics.json`.", ""]
+    return "\n".join(lines)
+
+
+# -- checks -----------------------------------------------------------------------------------------
+
+def _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, cpus, gpus) -> None:
+    if rank is not None and top_k is not None:
+        raise UserError("--rank and --top-k exclude each other: retrain one config (--rank N) or ensemble the K "
+                        "best (--top-k K)")
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank {rank}: must be >= 1 (1 = the best trial)")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k {top_k}: must be >= 1")
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds}: must be >= 1")
+    if epochs is not None and epochs < 1:
+        raise UserError(f"--epochs {epochs}: must be >= 1")
+    if not epoch_factor > 0:
+        raise UserError(f"--epoch-factor {epoch_factor}: must be > 0")
+    if time_budget is not None and not time_budget > 0:
+        raise UserError(f"--time-budget {time_budget}: must be > 0 seconds")
+    if not 0 < subset <= 1:
+        raise UserError(f"--subset {subset}: must be a fraction of train in (0, 1]")
+    if not cpus > 0 or gpus < 0:
+        raise UserError(f"--cpus-per-run {cpus} / --gpus-per-run {gpus}: need > 0 CPUs and >= 0 GPUs")
+
+
+def _dataset_of(exp: Experiment, dataset: str | None, data_root, datasets):
+    name = dataset or exp.dataset
+    if not name or name == "in-memory":
+        raise UserError(f"{exp.path}: search.yaml does not name a prepared dataset "
+                        f"({'the search ran on in-memory data' if name else 'no search.yaml'}); pass --dataset NAME")
+    ds = datasets.load(name, data_root)
+    if dataset is None and exp.dataset_sha256 and ds.sha256 != exp.dataset_sha256:
+        raise UserError(f"{ds.path}: prepared from a different source (sha256 {ds.sha256[:12]}...) than the one "
+                        f"{exp.name} searched on ({exp.dataset_sha256[:12]}...); prepare the same source again, or "
+                        f"pass --dataset {name} to retrain on this one anyway")
+    return ds
+
+
+def _epochs(exp: Experiment, epochs, factor, time_budget) -> tuple[int, str]:
+    if epochs:
+        budget = f", time budget {time_budget:.0f} s per run" if time_budget else ""
+        return int(epochs), f"{epochs} (--epochs){budget}"
+    if time_budget:
+        # The loop sizes the epochs to the budget by timing real steps; this is only the cap.
+        return 100_000, f"as many as fit in {time_budget:.0f} s per run (--time-budget)"
+    if not exp.max_epochs:
+        raise UserError(f"{exp.path}: search.yaml has no max_epochs to scale; pass --epochs N")
+    n = max(1, int(round(exp.max_epochs * factor)))
+    return n, f"{n} = {factor:g} x the search's max_epochs {exp.max_epochs}"

@@ -1,0 +1,218 @@
+"""Tune callbacks of the search: the trial tables (refreshed while running) and TensorBoard.
+
+Both run in the driver. Their bookkeeping (which trials finished in Tune's eyes, how long each
+took to its first report) is Tune callback state, saved with the experiment checkpoint, so a
+resumed search keeps it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+
+from fer_tune.search import results
+from fer_tune.train.report import METRIC_NAMES
+
+
+class TablesCallback(Callback):
+    """Writes trials.csv / trials.parquet / best.json: on every finished trial, at most every
+    `refresh_s` while trials report, and at the end (also after Ctrl-C)."""
+
+    def __init__(self, exp_dir: str | None, *, metric: str, mode: str, max_epochs: int, setup=None,
+                 params: list[str] | None = None, refresh_s: float = 10.0):
+        self.exp_dir = exp_dir  # None: Tune's driver staging folder (synced to a URI storage)
+        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.trial_setup = setup  # TrialSetup: turns a trial's params into its TrainConfig for best.json
+        self.refresh_s = refresh_s
+        self.params = list(params or [])  # column order of the hyperparameters
+        self.finished: set[str] = set()  # trials Tune completed, stopped or failed (not interrupted)
+        self.startup: dict[str, float] = {}  # trial id -> seconds from trial start to first report, less the epoch
+        self.started_at: dict[str, float] = {}
+        self.trials: list = []
+        self._last_write = 0.0
+        self.frame = None
+
+    # Tune hooks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started_at[trial.trial_id] = time.time()
+        self.trials = trials
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.trials = trials
+        tid = trial.trial_id
+        if tid in self.started_at and tid not in self.startup and not result.get("replayed"):
+            self.startup[tid] = round(time.time() - self.started_at[tid] - float(result.get("epoch_seconds", 0.0)), 2)
+        if time.time() - self._last_write > self.refresh_s:
+            self.write(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished.add(trial.trial_id)
+        self.write(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.finished.add(trial.trial_id)
+        self.write(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self.write(trials)
+
+    def get_state(self):
+        return {"finished": sorted(self.finished), "startup": dict(self.startup)}
+
+    def set_state(self, state):
+        self.finished = set(state.get("finished", []))
+        self.startup = dict(state.get("startup", {}))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(trials=[], frame=None, started_at={})
+        return state
+
+    # The table
+    def rows(self, trials) -> list[dict]:
+        return [results.trial_row(t, max_epochs=self.max_epochs, finished=self.finished,
+                                  extra={"startup_s": self.startup.get(t.trial_id)}) for t in trials]
+
+    def write(self, trials) -> None:
+        if not trials:
+            return
+        self.trials = trials
+        frame = results.build_table(self.rows(trials), self.metric, self.mode, self.params)
+        self.frame = frame
+        folder = self.exp_dir or trials[0].storage.experiment_driver_staging_path
+        configs = {}
+        best = results.best_row(frame, self.metric)
+        if best is not None and self.trial_setup is not None:
+            trial = next((t for t in trials if t.trial_id == best["trial_id"]), None)
+            if trial is not None:
+                try:
+                    configs[trial.trial_id] = self.trial_setup.config(trial.config).to_dict()
+                except Exception:
+                    pass
+        results.write_tables(folder, frame, metric=self.metric, mode=self.mode, configs=configs)
+        self._last_write = time.time()
+
+
+class TensorBoardCallback(Callback):
+    """One TensorBoard run per trial, in the trial's folder: our metric names as scalars at each
+    epoch, and at the end the HParams summary (the trial's hyperparameters with best_<metric>
+    and the last val_acc), so the HParams dashboard compares trials."""
+
+    def __init__(self, metric: str, params: list[str]):
+        self.metric = metric
+        self.params = params
+        self._writers: dict = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_writers"] = {}
+        return state
+
+    def _writer(self, trial):
+        if trial.trial_id not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            trial.init_local_path()
+            self._writers[trial.trial_id] = SummaryWriter(trial.local_path, flush_secs=5)
+        return self._writers[trial.trial_id]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        writer = self._writer(trial)
+        step = int(result.get("epoch", iteration))
+        for name in METRIC_NAMES:
+            if name != "epoch" and isinstance(result.get(name), (int, float)):
+                writer.add_scalar(name, result[name], step)
+        writer.flush()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial)
+
+    def on_experiment_end(self, trials, **info):
+        for trial in trials:
+            self._close(trial, hparams=False)
+
+    def _close(self, trial, hparams: bool = True) -> None:
+        if trial.trial_id not in self._writers and not hparams:
+            return
+        writer = self._writer(trial)
+        if hparams:
+            write_hparams(writer, trial.config or {}, trial, self.metric)
+        writer.close()
+        self._writers.pop(trial.trial_id, None)
+
+
+class CheckpointCleanup(Callback):
+    """Deletes a trial's checkpoints once Tune has completed (or ASHA stopped) it: they only serve
+    to continue an unfinished trial, and a search of larger models would keep gigabytes of them.
+    A stopped Train trial's worker may still persist one more checkpoint before it dies, so every
+    finished trial is swept again at the next completion and at the end. Local storage only;
+    failed trials keep theirs (for --resume --retry-failed)."""
+
+    def __init__(self, train_runs: str | None):
+        self.train_runs = train_runs  # the train executor's Ray Train runs, one folder per trial id
+        self.done: dict[str, str] = {}  # trial id -> Tune trial folder
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done[trial.trial_id] = trial.path or ""
+        self._sweep()
+
+    def on_experiment_end(self, trials, **info):
+        self._sweep()
+
+    def final_sweep(self, wait_s: float = 0.0) -> None:
+        """After the search: stopped Train workers die within a second or two of their trial."""
+        if self.done:
+            time.sleep(wait_s)
+            self._sweep()
+
+    def _sweep(self) -> None:
+        import shutil
+
+        for trial_id, path in self.done.items():
+            folders = [Path(path)] if path else []
+            if self.train_runs:
+                folders.append(Path(self.train_runs) / trial_id)
+            for folder in folders:
+                for ckpt in folder.glob("checkpoint_*"):
+                    if ckpt.is_dir():
+                        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def write_hparams(writer, config: dict, trial, metric: str) -> None:
+    """The HParams plugin's three summaries in the trial's own run (torch's add_hparams would
+    start a new run folder per call)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    lower = results.lower_is_better(metric)
+    stats = (getattr(trial, "metric_analysis", {}) or {}).get(metric, {})
+    best = stats.get("min" if lower else "max")
+    values = {k: _hparam(v) for k, v in config.items()}
+    metrics = {}
+    if best is not None:
+        metrics[f"best_{metric}"] = float(best)
+        writer.add_scalar(f"best_{metric}", float(best), int((trial.last_result or {}).get("epoch", 0)))
+    last = (trial.last_result or {}).get("val_acc")
+    if last is not None:
+        metrics["val_acc"] = float(last)
+    exp, ssi, sei = hparams(values, metrics)
+    for summary in (exp, ssi, sei):
+        writer.file_writer.add_summary(summary)
+    writer.flush()
+
+
+def _hparam(value):
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def experiment_folder(storage: str, name: str) -> Path | None:
+    """The local experiment folder, or None for a URI storage."""
+    if "://" in storage and not storage.startswith("file://"):
+        return None
+    return Path(storage.removeprefix("file://")).expanduser().resolve() / name

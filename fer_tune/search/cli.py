@@ -1,0 +1,184 @@
+"""`fer-tune search`, `trials`, `board`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from fer_tune.errors import UserError
+
+
+def add_commands(sub, data_root_flag) -> None:
+    """Add the search commands to the `fer-tune` sub-parsers."""
+    p = sub.add_parser("search", help="hyperparameter search: Ray Tune + Optuna (TPE) + ASHA, trials via Ray Train",
+                       description="Search a space of training configs. Resources are per worker: a trial runs "
+                                   "--workers-per-trial workers with --cpus-per-trial CPUs and --gpus-per-trial "
+                                   "GPUs each.")
+    p.add_argument("--space", help="a search space name (search_spaces/NAME.yaml) or a .yaml path "
+                                   "(not needed with --resume)")
+    p.add_argument("-n", "--trials", type=int, help="number of trials (default: the space's `trials`)")
+    p.add_argument("--max-epochs", type=int, help="epochs of a trial that survives every rung (ASHA max_t)")
+    p.add_argument("--grace-period", type=int, help="epochs every trial gets before ASHA may stop it")
+    p.add_argument("--reduction-factor", type=int, help="ASHA keeps 1/reduction_factor of the trials at each rung")
+    p.add_argument("--metric", help="metric to optimise (default: the space's, val_acc)")
+    p.add_argument("--mode", choices=["max", "min"], help="default: from the space, or min for losses")
+    p.add_argument("--dataset", default="fer2013", help="prepared dataset name or path (default fer2013)")
+    p.add_argument("--subset", type=float, default=1.0, help="stratified fraction of train, for quick looks")
+    p.add_argument("--name", help="experiment name (default: <space>-<time>); with --resume: which to continue")
+    p.add_argument("--storage", default="results", help="local folder or URI (s3://, gs://) for experiments")
+    p.add_argument("--address", help="Ray cluster to join: auto, ray://host:10001 (default: start a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help=">1: data-parallel (DDP) trials via Ray Train")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per worker (default 1)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per worker, may be fractional (0.5)")
+    p.add_argument("--concurrency", type=int, help="trials at once (default: what the cluster holds)")
+    p.add_argument("--executor", choices=["train", "direct"], default="train",
+                   help="train: each trial a Ray Train run (default); direct: single-worker trials inside the "
+                        "Tune trial itself, ~10 s less per trial (small machines)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial's training")
+    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="Optuna TPE (default) or random search")
+    p.add_argument("--no-early-stopping", action="store_true", help="no ASHA: every trial trains max-epochs")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted search (--name, default: the latest) as it was started: its space, "
+                        "budget, data, seed and executor; --address, --max-failures and --retry-failed apply")
+    p.add_argument("--retry-failed", action="store_true", help="with --resume: run failed trials again")
+    p.add_argument("--max-failures", type=int, default=0, help="retries of a failing trial (default 0)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep finished trials' checkpoints")
+    p.add_argument("--quiet", action="store_true", help="no live table")
+    data_root_flag(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("trials", help="the trial table of a search, best first")
+    p.add_argument("experiment", nargs="?", help="experiment name under --storage or a folder (default: latest)")
+    p.add_argument("--storage", default="results")
+    p.add_argument("--top", type=int, help="only the K best trials")
+    p.add_argument("--sort", help="metric (val_acc, val_loss, ...) or column to sort by (default: the search metric)")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
+    p.add_argument("--all-columns", action="store_true", help="every column, not only the key ones")
+    p.add_argument("--importance", action="store_true",
+                   help="hyperparameter importances (optuna.importance, fANOVA) from the search's Optuna study")
+    p.set_defaults(func=cmd_trials)
+
+    p = sub.add_parser("board", help="TensorBoard on a search: per-trial curves and the HParams view")
+    p.add_argument("experiment", nargs="?", help="experiment name or folder (default: latest)")
+    p.add_argument("--storage", default="results")
+    p.add_argument("--port", type=int, default=6006)
+    p.add_argument("--print", dest="print_only", action="store_true", help="print the command instead of running it")
+    p.set_defaults(func=cmd_board)
+
+
+def cmd_search(args) -> None:
+    from fer_tune.search.space import load_space
+    from fer_tune.search.tuner import run_search
+
+    if not args.space and not args.resume:
+        from fer_tune.search.space import list_spaces
+
+        raise UserError(f"search: --space is required (one of {', '.join(list_spaces())}, or a .yaml path)")
+    space = load_space(args.space) if args.space else None  # errors before Ray starts
+    flags = {k: v for k, v in vars(args).items() if k != "func"}
+    summary = run_search(
+        space, args.dataset, trials=args.trials, max_epochs=args.max_epochs, grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor, metric=args.metric, mode=args.mode, subset=args.subset,
+        storage=args.storage, name=args.name, address=args.address, executor=args.executor,
+        workers_per_trial=args.workers_per_trial, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, concurrency=args.concurrency, seed=args.seed, resume=args.resume,
+        retry_failed=args.retry_failed, max_failures=args.max_failures, data_root=args.data_root,
+        num_cpus=args.num_cpus, progress=not args.quiet, sampler=args.sampler,
+        early_stopping=not args.no_early_stopping, keep_checkpoints=args.keep_checkpoints, flags={"argv": sys.argv[1:], "dataset": flags["dataset"]})
+    print(summary.text())
+    if summary.interrupted:
+        raise KeyboardInterrupt
+
+
+def cmd_trials(args) -> None:
+    from fer_tune.search import results
+
+    exp = results.find_experiment(args.experiment, args.storage)
+    if args.importance:
+        print(importances(exp))
+        return
+    df = results.load_table(exp)
+    meta = _search_meta(exp)
+    metric = meta.get("metric", "val_acc")
+    mode = meta.get("mode", "max")
+    columns = None if args.all_columns else results.key_columns(df, meta.get("params", []), metric)
+    sort = args.sort
+    if args.top and args.top < 1:
+        raise UserError(f"--top {args.top}: must be >= 1")
+    text = results.format_table(df, args.format, sort=sort, mode=mode if not sort or sort == metric else None,
+                                top=args.top, columns=columns)
+    if args.format == "table":
+        print(f"{exp}  ({len(df)} trials, best {metric} first)")
+    print(text)
+
+
+def importances(exp: Path) -> str:
+    """optuna.importance over the completed trials of the experiment's study (optuna.journal)."""
+    import warnings
+
+    import optuna
+
+    from fer_tune.search.tuner import JOURNAL, journal_storage
+
+    journal = Path(exp) / JOURNAL
+    if not journal.is_file():
+        raise UserError(f"{exp}: no {JOURNAL} (the Optuna study of the search)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study_name = _search_meta(exp).get("name") or Path(exp).name
+    study = optuna.load_study(study_name=study_name, storage=journal_storage(journal))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(done) < 2:
+        raise UserError(f"{exp}: {len(done)} completed trial(s); importances need at least 2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ranked = optuna.importance.get_param_importances(study)
+    width = max(len(k) for k in ranked)
+    lines = [f"{len(done)} completed trials, importance of each hyperparameter for {study.direction.name.lower()} "
+             f"{_search_meta(exp).get('metric', 'val_acc')} (fANOVA; sums to 1):"]
+    lines += [f"  {k:<{width}}  {v:.3f}" for k, v in ranked.items()]
+    return "\n".join(lines)
+
+
+def cmd_board(args) -> None:
+    from fer_tune.search import results
+
+    exp = results.find_experiment(args.experiment, args.storage)
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(exp), "--port", str(args.port)]
+    shown = f"tensorboard --logdir {exp} --port {args.port}"
+    if args.print_only or not _tensorboard_available():
+        print(shown)
+        return
+    print(f"{shown}   (Ctrl-C to stop)")
+    try:
+        subprocess.run(command, check=False)
+    except KeyboardInterrupt:
+        pass
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return shutil.which("tensorboard") is not None
+    return True
+
+
+def _search_meta(exp: Path) -> dict:
+    """metric, mode and searched parameter names from search.yaml."""
+    path = Path(exp) / "search.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        record = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    space = record.get("space", {})
+    params = [k for k, v in (space.get("params") or {}).items() if isinstance(v, dict) and "value" not in v]
+    return {"metric": space.get("metric", "val_acc"), "mode": space.get("mode", "max"), "params": params,
+            "name": record.get("name")}
+

@@ -1,0 +1,141 @@
+"""Connecting to Ray, sizing trials to it, and checking what a search leaves behind.
+
+The local instance is started with the dashboard on (`include_dashboard=True`). That is not for the
+web page: Ray Train V2 frees a trial's worker-group placement group through a detached
+`PlacementGroupCleaner`, which asks the dashboard's State API whether the trial's controller is
+still alive. When Tune stops a trial (ASHA at a rung, or at max_t) the controller dies before it
+removes the group itself; without the dashboard the State API query fails ("Failed to query Ray
+Train Controller actor state"), the group is never removed, and after about num_cpus trials the
+next worker group waits forever ("WorkerGroupStartupTimeoutError ... waiting for 1 workers").
+The dashboard needs `ray[default]` (aiohttp & co), which fer-tune depends on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from fer_tune.errors import UserError
+
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+            quiet: bool = True) -> bool:
+    """Start a local Ray instance (address None) or join a cluster ("auto", "ray://host:10001",
+    "host:6379"). Returns True when this call started Ray (the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs = dict(log_to_driver=not quiet, configure_logging=True, logging_level="ERROR" if quiet else "INFO")
+    if address:
+        # Clusters started with token authentication (Ray's default since 2.59) need the mode in
+        # the environment of every process that connects (also for `ray status`).
+        if "RAY_AUTH_MODE" not in os.environ and (TOKEN_FILE.is_file() or os.environ.get("RAY_AUTH_TOKEN")):
+            os.environ["RAY_AUTH_MODE"] = "token"
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"--address {address}: cannot connect to Ray ({_first_line(exc)}); start a cluster "
+                            f"with `ray start --head` or `ray up cluster/gpu.yaml`, and with token authentication "
+                            f"export RAY_AUTH_MODE=token") from None
+        return True
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    return True
+
+
+def shutdown(started: bool) -> None:
+    import ray
+
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+def check_state_api(timeout_s: float = 30.0) -> bool:
+    """True when the dashboard's State API answers (what Train's placement-group cleanup needs)."""
+    from ray.util.state import list_nodes
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            list_nodes(limit=1, timeout=5, raise_on_missing_output=False)
+            return True
+        except Exception:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+
+def cluster_capacity() -> dict[str, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    return {"CPU": float(res.get("CPU", 0.0)), "GPU": float(res.get("GPU", 0.0))}
+
+
+def max_concurrency(capacity: dict[str, float], workers: int, cpus: float, gpus: float) -> int:
+    """How many trials of `workers` x (cpus, gpus) the cluster holds at once (at least 1)."""
+    fits = []
+    if cpus > 0:
+        fits.append(math.floor(capacity["CPU"] / (workers * cpus) + 1e-9))
+    if gpus > 0:
+        fits.append(math.floor(capacity["GPU"] / (workers * gpus) + 1e-9))
+    return max(1, min(fits)) if fits else 1
+
+
+def check_fits(capacity: dict[str, float], workers: int, cpus: float, gpus: float, address: str | None) -> None:
+    """One trial must fit the cluster (a local instance cannot grow)."""
+    if address:
+        return  # an autoscaling cluster may add nodes
+    need_cpu, need_gpu = workers * cpus, workers * gpus
+    if need_cpu > capacity["CPU"] + 1e-9 or need_gpu > capacity["GPU"] + 1e-9:
+        raise UserError(f"one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs ({workers} worker(s) x "
+                        f"{cpus:g} CPU, {gpus:g} GPU) but this machine has {capacity['CPU']:g} CPUs and "
+                        f"{capacity['GPU']:g} GPUs; lower --workers-per-trial/--cpus-per-trial/--gpus-per-trial")
+
+
+def leftovers() -> dict[str, list]:
+    """What a finished search should not leave alive: placement groups not REMOVED (other than
+    those of live actors the caller still holds) and PlacementGroupCleaner actors."""
+    import ray
+    from ray.util.state import list_actors
+
+    groups = [pg_id for pg_id, info in ray.util.placement_group_table().items() if info.get("state") != "REMOVED"]
+    cleaners = list_actors(filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "!=", "DEAD")],
+                           raise_on_missing_output=False)
+    return {"placement_groups": groups, "cleaners": [a.actor_id for a in cleaners]}
+
+
+def wait_for_no_leftovers(timeout_s: float = 30.0) -> dict[str, list]:
+    """Leftovers after giving the cleaners time to act (they poll every second)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = leftovers()
+        if not any(found.values()) or time.monotonic() > deadline:
+            return found
+        time.sleep(1.0)
+
+
+@contextmanager
+def env(**values: str):
+    """Set environment variables for the duration of a block (read by Ray Tune when it starts)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,295 @@
+"""`fer-tune retrain`: a fabricated search experiment over toy data, retrained end to end."""
+
+import argparse
+import importlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import toy_arrays, write_fer_csv
+
+from fer_tune.data.prepared import PreparedDataset
+from fer_tune.errors import UserError
+from fer_tune.evaluate import read_experiment, retrain
+
+retrain_mod = importlib.import_module("fer_tune.evaluate.retrain")  # the package exports the function `retrain`
+from fer_tune.train import load_checkpoint
+
+QUIET = dict(progress=False, log=lambda *a, **k: None)
+COPIES = 20  # test images that are pixel copies of train images
+
+SPACE = {
+    "name": "toy", "metric": "val_acc", "mode": "max", "max_epochs": 1, "grace_period": 1, "reduction_factor": 2,
+    "trials": 4,
+    "params": {
+        "model": {"choice": ["mlp", "simple_cnn"]},
+        "model_kwargs.hidden": {"choice": [[64], [32]], "when": {"model": ["mlp"]}},
+        "model_kwargs.width": {"choice": [0.25], "when": {"model": ["simple_cnn"]}},
+        "lr": {"loguniform": [1.0e-3, 3.0e-2]},
+        "batch_size": {"choice": [64]},
+        "schedule": {"value": "constant"},
+        "channels_last": {"value": False},
+        "aug_strength": {"value": 0.0},
+    },
+}
+
+
+def prepare_toy_fer(root, name="fer2013", transform=None, size=None):
+    """A toy fer2013 with COPIES test images that are pixel copies of train images."""
+    from fer_tune import data
+
+    train, val, test = toy_arrays(480, 10), toy_arrays(140, 11), toy_arrays(140, 12)
+    test = tuple(np.concatenate([t[:-COPIES], tr[:COPIES]]) for t, tr in zip(test, train))
+    if transform:
+        train, val, test = transform(train), transform(val), transform(test)
+    root.mkdir(parents=True, exist_ok=True)
+    csv = write_fer_csv(root / f"{name}.csv", {"Training": train, "PublicTest": val, "PrivateTest": test})
+    return data.prepare("fer2013", csv, name=name, data_root=root / "data", size=size, log=lambda *a, **k: None)
+
+
+def make_experiment(results, dataset, name="exp", with_best_json=True):
+    """A search experiment folder as `fer-tune search` leaves it: trials.csv, best.json, search.yaml."""
+    exp = results / name
+    exp.mkdir(parents=True)
+    record = {"name": name, "space": SPACE, "flags": {"seed": 0},
+              "dataset": {"name": dataset.name, "sha256": dataset.sha256}}
+    (exp / "search.yaml").write_text(yaml.safe_dump(record))
+    rows = [
+        {"trial_id": "t3", "status": "stopped early", "epochs": 1, "model": "mlp", "model_kwargs.hidden": "[32]",
+         "model_kwargs.width": None, "lr": 0.004, "batch_size": 64, "schedule": "constant", "best_val_acc": 0.7},
+        {"trial_id": "t1", "status": "completed", "epochs": 1, "model": "mlp", "model_kwargs.hidden": "[64]",
+         "model_kwargs.width": None, "lr": 0.003, "batch_size": 64, "schedule": "constant", "best_val_acc": 0.9},
+        {"trial_id": "t9", "status": "failed", "epochs": 0, "model": "simple_cnn", "model_kwargs.hidden": None,
+         "model_kwargs.width": 0.25, "lr": 0.02, "batch_size": 64, "schedule": "constant", "best_val_acc": None},
+        {"trial_id": "t2", "status": "completed", "epochs": 1, "model": "simple_cnn", "model_kwargs.hidden": None,
+         "model_kwargs.width": 0.25, "lr": 0.005, "batch_size": 64, "schedule": "constant", "best_val_acc": 0.8},
+    ]
+    pd.DataFrame(rows).to_csv(exp / "trials.csv", index=False)
+    if with_best_json:
+        config = {"model": "mlp", "model_kwargs": {"hidden": [64]}, "lr": 0.003, "batch_size": 64,
+                  "schedule": "constant", "channels_last": False, "aug_strength": 0.0, "epochs": 1, "seed": 0,
+                  "select_metric": "val_acc"}
+        (exp / "best.json").write_text(json.dumps({"metric": "val_acc", "mode": "max", "value": 0.9,
+                                                   "trial": rows[1], "config": config}))
+    return exp
+
+
+@pytest.fixture(scope="module")
+def toy_fer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrain")
+    return root / "data", prepare_toy_fer(root)
+
+
+class Counter:
+    """Wraps a function and counts its calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        self.calls.append((args, kwargs, out))
+        return out
+
+
+def test_ranking_reads_configs_from_best_json_and_the_table(toy_fer, tmp_path):
+    data_root, ds = toy_fer
+    exp = read_experiment("exp", make_experiment(tmp_path, ds).parent)
+    assert exp.max_epochs == 1 and exp.dataset == "fer2013" and exp.metric == "val_acc"
+    ranked = exp.ranked(3)
+    assert [r.trial_id for r in ranked] == ["t1", "t2", "t3"]  # by best_val_acc; the failed trial left out
+    assert ranked[0].config.model_kwargs == {"hidden": [64]} and ranked[0].config.lr == 0.003
+    # Ranks 2 and 3 come from the table through the space: conditional and fixed values resolved.
+    assert ranked[1].config.model == "simple_cnn" and ranked[1].config.model_kwargs == {"width": 0.25}
+    assert ranked[2].config.model_kwargs == {"hidden": [32]} and ranked[2].config.lr == 0.004
+    assert ranked[2].config.channels_last is False and ranked[2].config.aug_strength == 0.0
+    with pytest.raises(UserError, match="has only 3 ranked trial"):
+        exp.ranked(4)
+
+
+@pytest.fixture(scope="module")
+def seeded(toy_fer, tmp_path_factory):
+    """One retrain with 2 seeds, counting test-split reads and test scoring."""
+    data_root, ds = toy_fer
+    results = tmp_path_factory.mktemp("seeded")
+    exp = make_experiment(results, ds)
+    reads = []
+    original = PreparedDataset.arrays
+
+    def arrays(self, split):
+        reads.append((self.name, split))
+        return original(self, split)
+
+    scored = Counter(retrain_mod.score_on_test)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PreparedDataset, "arrays", arrays)
+        mp.setattr(retrain_mod, "score_on_test", scored)
+        m = retrain("exp", storage=results, data_root=data_root, seeds=2, **QUIET)
+    return exp, m, reads, scored
+
+
+def test_retrain_touches_the_test_split_once_per_model(seeded):
+    exp, m, test_reads, scored = seeded
+    # The test split is read once, after training, and each final model predicts it once.
+    assert [r for r in test_reads if r[1] == "test"] == [("fer2013", "test")]
+    assert test_reads[-1] == ("fer2013", "test")
+    assert len(scored.calls) == 2 and all(len(c[0][1]) == 140 for c in scored.calls)
+    assert m["protocol"]["test_evaluations_per_model"] == 1
+
+
+def test_retrain_seeds_writes_final(seeded):
+    exp, m, _, _ = seeded
+    final = exp / "final"
+    names = {p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file()}
+    for f in ("metrics.json", "report.md", "learning_curves.png", "confusion_matrix.png", "per_class_f1.png",
+              "class_distribution.png", "runs/rank1-seed0/best.pt",
+              "runs/rank1-seed1/best.pt", "runs/rank1-seed0/metrics.csv", "runs/rank1-seed0/config.yaml"):
+        assert f in names
+    assert any(n.startswith("runs/rank1-seed1/events.out.tfevents") for n in names)
+    assert not any(n.endswith("last.pt") for n in names)
+    assert not [p for p in exp.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+    # Default epochs: 2 x the space's max_epochs (1); seeds 0 and 1 of the best (t1) config.
+    assert "2 = 2 x the search's max_epochs 1" in m["protocol"]["epochs"]
+    assert [(x["name"], x["epochs_run"], x["seed"]) for x in m["models"]] == [("rank1-seed0", 2, 0),
+                                                                             ("rank1-seed1", 2, 1)]
+    state = load_checkpoint(final / "runs/rank1-seed1/best.pt")
+    assert state["config"]["model_kwargs"] == {"hidden": [64]} and state["config"]["seed"] == 1
+    assert state["epoch"] == m["models"][1]["best_epoch"]  # the checkpoint is the best val epoch
+
+
+def test_retrain_metrics_agree_with_the_confusion_matrices(seeded):
+    exp, m, _, _ = seeded
+    final = exp / "final"
+    # Metrics agree with their confusion matrices; no_train_copy leaves the copies out.
+    assert json.loads((final / "metrics.json").read_text())["models"][0]["test"] == m["models"][0]["test"]
+    assert m["dataset"]["test_with_train_copy"] == COPIES
+    for model in m["models"]:
+        for subset, n in (("all", 140), ("no_train_copy", 140 - COPIES)):
+            s = model["test"][subset]
+            cm = np.array(s["confusion_matrix"])
+            assert cm.sum() == s["n"] == n
+            assert s["accuracy"] == pytest.approx(np.trace(cm) / n)
+            assert [c["support"] for c in s["per_class"].values()] == cm.sum(1).tolist()
+            f1 = [c["f1"] for c, k in zip(s["per_class"].values(), cm.sum(1)) if k > 0]
+            assert s["macro_f1"] == pytest.approx(np.mean(f1))
+    # Seeds: mean and sample std of the per-model accuracies, and the pooled confusion matrix.
+    accs = [x["test"]["all"]["accuracy"] for x in m["models"]]
+    summary = m["final"]["test"]["all"]
+    assert summary["accuracy"]["values"] == accs
+    assert summary["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert summary["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert np.array_equal(summary["pooled_confusion_matrix"],
+                          np.sum([x["test"]["all"]["confusion_matrix"] for x in m["models"]], axis=0))
+    assert summary["accuracy"]["mean"] > 0.4  # learnt something (chance ~0.14)
+    assert summary["images"] == 140 and m["final"]["test"]["no_train_copy"]["images"] == 140 - COPIES
+
+    report = (final / "report.md").read_text()
+    for png in ("learning_curves.png", "confusion_matrix.png", "per_class_f1.png", "class_distribution.png"):
+        assert f"({png})" in report
+    assert f"{summary['accuracy']['mean']:.4f} ± {summary['accuracy']['std']:.4f} (n=2)" in report
+
+
+def test_top_k_ensemble_averages_the_softmax_of_the_k_best(toy_fer, tmp_path, monkeypatch):
+    data_root, ds = toy_fer
+    make_experiment(tmp_path, ds, with_best_json=False)  # every config from the table
+    scored = Counter(retrain_mod.score_on_test)
+    monkeypatch.setattr(retrain_mod, "score_on_test", scored)
+    m = retrain("exp", storage=tmp_path, data_root=data_root, top_k=2, epochs=1, tta=True, **QUIET)
+    assert [x["name"] for x in m["models"]] == ["rank1-seed0", "rank2-seed0"]
+    assert [c["trial_id"] for c in m["configs"]] == ["t1", "t2"]
+    assert m["models"][1]["config"]["model"] == "simple_cnn" and m["models"][1]["epochs_run"] == 1
+    assert len(scored.calls) == 2 and all(c[1]["tta"] for c in scored.calls)
+    # The ensemble is scored from the same probabilities: their mean, argmax, against the test labels.
+    test_y = ds.arrays("test")[1]
+    mean = (scored.calls[0][2] + scored.calls[1][2]) / 2
+    (ens,) = m["ensembles"]
+    assert ens["members"] == ["rank1-seed0", "rank2-seed0"]
+    assert ens["test"]["all"]["accuracy"] == pytest.approx(np.mean(mean.argmax(1) == test_y))
+    assert m["final"]["models"] == [ens["name"]]
+    assert m["final"]["test"]["all"]["accuracy"]["mean"] == ens["test"]["all"]["accuracy"]
+    assert m["protocol"]["tta"] == "horizontal flip"
+
+
+def test_errors_leave_nothing_half_written(toy_fer, tmp_path, monkeypatch):
+    data_root, ds = toy_fer
+    exp = make_experiment(tmp_path, ds)
+    with pytest.raises(UserError, match="--rank and --top-k exclude each other"):
+        retrain("exp", storage=tmp_path, data_root=data_root, rank=1, top_k=2, **QUIET)
+    with pytest.raises(UserError, match="no search experiment 'nope'"):
+        retrain("nope", storage=tmp_path, data_root=data_root, **QUIET)
+
+    calls = []
+
+    def crash(cfg, data, reporter, **kw):
+        calls.append(cfg)
+        if len(calls) == 2:
+            raise RuntimeError("power cut")
+        return real_fit(cfg, data, reporter, **kw)
+
+    real_fit = retrain_mod.fit
+    monkeypatch.setattr(retrain_mod, "fit", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        retrain("exp", storage=tmp_path, data_root=data_root, seeds=2, epochs=1, **QUIET)
+    assert sorted(p.name for p in exp.iterdir()) == ["best.json", "search.yaml", "trials.csv"]
+    assert len(calls) == 2
+
+
+def test_an_existing_final_needs_force(seeded, toy_fer):
+    exp, _, _, _ = seeded
+    before = (exp / "final" / "metrics.json").read_text()
+    with pytest.raises(UserError, match="final already exists; pass --force"):
+        retrain(exp, data_root=toy_fer[0], epochs=1, **QUIET)
+    assert (exp / "final" / "metrics.json").read_text() == before
+
+
+def test_dataset_must_be_the_one_searched(toy_fer, tmp_path):
+    data_root, ds = toy_fer
+    exp = make_experiment(tmp_path, ds)
+    record = yaml.safe_load((exp / "search.yaml").read_text())
+    record["dataset"]["sha256"] = "0" * 64
+    (exp / "search.yaml").write_text(yaml.safe_dump(record))
+    with pytest.raises(UserError, match="prepared from a different source .* pass --dataset fer2013"):
+        retrain("exp", storage=tmp_path, data_root=data_root, epochs=1, **QUIET)
+    record["dataset"] = {"name": "in-memory", "sha256": None}
+    (exp / "search.yaml").write_text(yaml.safe_dump(record))
+    with pytest.raises(UserError, match=r"in-memory data\); pass --dataset NAME"):
+        retrain("exp", storage=tmp_path, data_root=data_root, epochs=1, **QUIET)
+
+
+def cli(argv):
+    """Our subcommands on a parser like fer_tune.cli's (its main() is not wired to them yet)."""
+    from fer_tune.evaluate.cli import add_commands
+
+    parser = argparse.ArgumentParser(prog="fer-tune")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub, lambda p: p.add_argument("--data-root"))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        return 2, str(exc)
+    return 0, ""
+
+
+def test_cli_retrain_rank(toy_fer, tmp_path, capsys):
+    data_root, ds = toy_fer
+    exp = make_experiment(tmp_path, ds)
+    code, err = cli(["retrain", "exp", "--storage", str(tmp_path), "--data-root", str(data_root),
+                     "--time-budget", "2s", "--rank", "3", "--quiet"])
+    assert code == 0, err
+    out = capsys.readouterr().out
+    assert "full test" in out and "no copy in train" in out and str(exp / "final") in out
+    m = json.loads((exp / "final" / "metrics.json").read_text())
+    assert [(x["name"], x["trial_id"]) for x in m["models"]] == [("rank3-seed0", "t3")]
+    (model,) = m["models"]
+    assert model["config"]["model_kwargs"] == {"hidden": [32]}
+    # The loop sized the epochs to the budget; the config records what was run.
+    assert m["protocol"]["epochs"] == "as many as fit in 2 s per run (--time-budget)"
+    assert 1 <= model["epochs_run"] == model["config"]["epochs"] < 1000 and model["config"]["time_budget"] == 2.0
+    code, err = cli(["retrain", "exp", "--storage", str(tmp_path), "--data-root", str(data_root), "--seeds", "0"])
+    assert code == 2 and err == "--seeds 0: must be >= 1"
+    with pytest.raises(SystemExit):  # argparse: --rank and --top-k are exclusive
+        cli(["retrain", "exp", "--rank", "1", "--top-k", "2"])

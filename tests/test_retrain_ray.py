@@ -1,0 +1,40 @@
+"""`fer-tune retrain --address`: the seeds as Ray tasks give the same models as sequential runs."""
+
+import importlib
+
+import pytest
+from test_retrain import QUIET, make_experiment, prepare_toy_fer
+
+from fer_tune.evaluate import read_experiment, retrain
+from fer_tune.train import TrainData
+
+retrain_mod = importlib.import_module("fer_tune.evaluate.retrain")
+pytestmark = pytest.mark.slow
+
+
+def test_seeds_as_ray_tasks_match_local_runs(tmp_path):
+    import ray
+
+    ds = prepare_toy_fer(tmp_path)
+    exp = make_experiment(tmp_path / "results", ds)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        # address "auto" joins the running instance (retrain leaves a Ray it did not start running).
+        m = retrain(exp, data_root=tmp_path / "data", seeds=2, epochs=1, address="auto", **QUIET)
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+    final = exp / "final"
+    assert [x["name"] for x in m["models"]] == ["rank1-seed0", "rank1-seed1"]
+    for name in ("rank1-seed0", "rank1-seed1"):
+        assert (final / "runs" / name / "best.pt").is_file()
+        assert list((final / "runs" / name).glob("events.out.tfevents.*"))
+
+    # CPU training is deterministic per seed: the remote histories equal local ones.
+    specs = retrain_mod.plan_runs(read_experiment(exp).ranked(1), 2, 1, 0.0, 1.0)
+    data = TrainData.from_prepared(ds)
+    for spec, remote in zip(specs, m["models"]):
+        local = retrain_mod.run_one(spec, data, tmp_path / "local" / spec.name)
+        assert remote["val"] == {k: v for k, v in local.best.items() if k.startswith("val_")}
+        row = (final / "runs" / spec.name / "metrics.csv").read_text().splitlines()[1].split(",")
+        assert float(row[1]) == local.history[0]["train_loss"] and float(row[4]) == local.history[0]["val_acc"]

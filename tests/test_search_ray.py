@@ -1,0 +1,205 @@
+"""Searches on a real (local, 2-CPU) Ray instance, shared by the tests of this module.
+
+Tiny models on toy images, 1-3 epochs: what is tested is the wiring (Tune + Optuna + ASHA, Ray
+Train trials, failures, Ctrl-C, resume after SIGKILL, no leaked placement groups), not accuracy.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import toy_arrays
+from fer_tune.errors import UserError
+from fer_tune.search import cluster
+from fer_tune.search.space import parse_space
+from fer_tune.search.tuner import journal_storage, run_search
+from fer_tune.train import TrainData
+
+pytestmark = pytest.mark.slow
+
+CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+TINY = {"model": "simple_cnn", "model_kwargs.width": 0.25, "model_kwargs.hidden": 32, "batch_size": 32,
+        "channels_last": False, "aug_strength": 0.0, "schedule": "constant", "label_smoothing": 0.0}
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    started = cluster.connect(None, num_cpus=2)  # local, dashboard on: as `fer-tune search` starts it
+    import ray
+
+    yield ray.get_runtime_context().gcs_address
+    cluster.shutdown(started)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    tx, ty = toy_arrays(256, seed=0, size=16)
+    vx, vy = toy_arrays(96, seed=1, size=16)
+    return TrainData(tx, ty, vx, vy, CLASSES)
+
+
+def test_train_executor_asha_search_frees_every_placement_group(ray_instance, tiny_data, tmp_path):
+    """8 trials, each a Ray Train run, 2 at a time on 2 CPUs, ASHA stopping some: the search
+    finishes (no worker group waits for leaked CPUs) and leaves no placement group or cleaner."""
+    space = parse_space({"max_epochs": 3, "grace_period": 1, "reduction_factor": 2, **TINY,
+                         "lr": {"loguniform": [1e-4, 3e-2]}, "optimizer": {"choice": ["adamw", "sgd"]},
+                         "momentum": {"uniform": [0.8, 0.95], "when": {"optimizer": "sgd"}}}, name="tiny")
+    summary = run_search(space, tiny_data, trials=8, concurrency=2, storage=tmp_path, name="asha", seed=1,
+                         executor="train", progress=False)
+    table = summary.table
+    assert len(table) == 8 and set(table["status"]) <= {"completed", "stopped early"}
+    assert (table["status"] == "stopped early").any() and (table["status"] == "completed").any()
+    assert summary.epochs_spent < 8 * 3 == summary.epochs_without_early_stopping
+    assert (table.loc[table.status == "completed", "epochs"] == 3).all()
+    assert table["best_val_acc"].notna().all() and table["node_id"].str.len().gt(0).all()
+    assert table["startup_s"].gt(0).all()
+    assert not any(cluster.wait_for_no_leftovers(timeout_s=20).values())
+
+    exp = tmp_path / "asha"
+    saved = pd.read_parquet(exp / "trials.parquet")
+    assert list(saved["trial_id"]) == list(table["trial_id"])
+    record = yaml.safe_load((exp / "search.yaml").read_text())
+    assert record["status"] == "finished" and record["space"]["params"]["optimizer"]["choice"] == ["adamw", "sgd"]
+    assert record["versions"]["ray"] and record["dataset"]["train_images"] == 256
+    assert sorted(p.name for p in (exp / "train_runs").iterdir()) == sorted(table["trial_id"])
+    assert not [p for p in (exp / "train_runs").glob("*/checkpoint_*") if p.is_dir()]  # deleted when finished
+
+    import optuna  # the study is on disk, with every trial told
+    study = optuna.load_study(study_name="asha", storage=journal_storage(exp / "optuna.journal"))
+    assert len(study.trials) == 8
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(Path(table.loc[0, "trial_dir"])), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert {"val_acc", "train_loss", "val_macro_f1"} <= set(acc.Tags()["scalars"])
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
+
+
+def test_direct_executor_records_failed_trials_and_goes_on(ray_instance, tiny_data, tmp_path):
+    """A trial that raises (mlp with an empty hidden layer) and one whose loss becomes NaN (sgd at
+    lr 1e9) are recorded as failed with their errors; the others complete."""
+    space = parse_space({"max_epochs": 2, "grace_period": 2, "reduction_factor": 2, **TINY,
+                         "model": {"choice": ["simple_cnn", "mlp"]},
+                         "model_kwargs.width": {"value": 0.25, "when": {"model": "simple_cnn"}},
+                         "model_kwargs.hidden": {"value": [0], "when": {"model": "mlp"}},
+                         "optimizer": {"choice": ["adamw", "sgd"]},
+                         "lr": {"value": 1.0e+9, "when": {"optimizer": "sgd"}}}, name="faulty")
+    summary = run_search(space, tiny_data, trials=4, storage=tmp_path, name="faults", executor="direct",
+                         max_failures=1, seed=2, progress=False)  # seed 2 samples each kind of trial
+    table = summary.table.set_index("trial_id")
+    assert len(table) == 4
+    for tid, row in table.iterrows():
+        model, optimizer = row["model"], row["optimizer"]
+        if model == "mlp":
+            assert row["status"] == "failed" and "hidden must be a positive integer" in row["error"]
+        elif optimizer == "sgd":
+            assert row["status"] == "failed" and row["error"].startswith("TrainingDiverged: training loss became nan")
+        else:
+            assert row["status"] == "completed" and row["error"] == "" and row["epochs"] == 2
+    assert set(table["status"]) == {"failed", "completed"}
+    errors = " ".join(table["error"])
+    assert "UserError: hidden" in errors and "TrainingDiverged" in errors
+    assert (table.loc[table.status == "failed", "failures"] == 2).all()  # tried, then retried once
+    assert summary.counts["failed"] == (table.status == "failed").sum()
+    assert "failed" in summary.text() and summary.best["trial_id"] in table.index
+
+
+def test_worker_error_names_the_workers_exception():
+    from ray.train import WorkerGroupError
+
+    from fer_tune.search.trainable import worker_error
+    from fer_tune.train import TrainingDiverged
+
+    exc = WorkerGroupError("Training failed", {0: TrainingDiverged("training loss became nan in epoch 1")})
+    assert worker_error(exc) == "TrainingDiverged: training loss became nan in epoch 1"
+
+
+# -- the CLI in a subprocess: SIGKILL and resume, Ctrl-C -----------------------------------------
+
+def cli(args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fer_tune.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def search_args(toy_prepared, storage, address, name, trials):
+    return ["search", "--space", "smoke", "--dataset", "fer2013", "--data-root", str(toy_prepared),
+            "--subset", "0.5", "-n", str(trials), "--executor", "direct", "--concurrency", "2", "--quiet",
+            "--storage", str(storage), "--name", name, "--address", address]
+
+
+def wait_for_finished(table_path: Path, count: int, proc, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        if table_path.is_file():
+            df = pd.read_csv(table_path)
+            if df["status"].isin(["completed", "stopped early"]).sum() >= count:
+                return
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(f"fewer than {count} finished trials in {timeout_s} s")
+
+
+def test_resume_after_sigkill_keeps_finished_trials(ray_instance, toy_prepared, tmp_path):
+    args = search_args(toy_prepared, tmp_path, ray_instance, "killed", 8)
+    proc = cli(args)
+    wait_for_finished(tmp_path / "killed" / "trials.csv", 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = pd.read_csv(tmp_path / "killed" / "trials.csv")
+    done = before[before.status.isin(["completed", "stopped early"])].set_index("trial_id")
+    assert len(done) >= 3 and len(before) < 8
+
+    proc = cli(args + ["--resume"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    after = pd.read_csv(tmp_path / "killed" / "trials.csv").set_index("trial_id")
+    assert len(after) == 8 and set(after["status"]) <= {"completed", "stopped early"}
+    for tid, row in done.iterrows():  # kept: same status, epochs and result, not trained again
+        assert after.loc[tid, "status"] == row["status"] and after.loc[tid, "epochs"] == row["epochs"]
+        assert after.loc[tid, "best_val_acc"] == pytest.approx(row["best_val_acc"])
+        reports = [json.loads(line) for line in (Path(row["trial_dir"]) / "result.json").read_text().splitlines()]
+        assert [r["epoch"] for r in reports if not r.get("replayed")] == list(range(1, row["epochs"] + 1))
+    record = yaml.safe_load((tmp_path / "killed" / "search.yaml").read_text())
+    assert record["status"] == "finished" and len(record["resumed"]) == 1
+    import optuna
+    study = optuna.load_study(study_name="killed", storage=journal_storage(tmp_path / "killed" / "optuna.journal"))
+    told = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(told) == 8
+
+
+def test_ctrl_c_stops_cleanly_and_writes_the_tables(ray_instance, toy_prepared, tmp_path):
+    proc = cli(search_args(toy_prepared, tmp_path, ray_instance, "interrupted", 12))
+    wait_for_finished(tmp_path / "interrupted" / "trials.csv", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted: continue with `fer-tune search --resume --name interrupted`" in out
+    table = pd.read_csv(tmp_path / "interrupted" / "trials.csv")
+    assert table["status"].isin(["completed", "stopped early"]).sum() >= 1 and len(table) < 12
+    assert set(table["status"]) <= {"completed", "stopped early", "interrupted", "pending"}
+    assert (tmp_path / "interrupted" / "trials.parquet").is_file()
+    assert yaml.safe_load((tmp_path / "interrupted" / "search.yaml").read_text())["status"] == "interrupted"
+
+
+def test_multi_worker_trial_trains_data_parallel(ray_instance, tiny_data, tmp_path):
+    """--workers-per-trial 2: one Ray Train run with two DDP workers, each on its shard."""
+    space = parse_space({"max_epochs": 2, "grace_period": 2, "reduction_factor": 2, **TINY, "lr": 0.01}, name="ddp")
+    summary = run_search(space, tiny_data, trials=1, storage=tmp_path, name="ddp", workers_per_trial=2,
+                         progress=False)
+    row = summary.table.iloc[0]
+    assert row["status"] == "completed" and row["epochs"] == 2
+    reports = [json.loads(line) for line in (Path(row["trial_dir"]) / "result.json").read_text().splitlines()]
+    assert [r["world_size"] for r in reports] == [2, 2]
+    with pytest.raises(UserError, match="needs --executor train"):
+        run_search(space, tiny_data, trials=1, storage=tmp_path, name="x", workers_per_trial=2, executor="direct")

@@ -1,0 +1,143 @@
+"""The trial tables and `fer-tune trials` / `board` (no Ray run: rows from stand-in trials)."""
+
+import json
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+from fer_tune.cli import main
+from fer_tune.search import results
+from fer_tune.search.space import load_space
+
+
+def fake_trial(tid, status, epochs, val_acc=None, config=None, error=None):
+    accs = val_acc or []
+    analysis = {}
+    if accs:
+        analysis = {"val_acc": {"max": max(accs), "min": min(accs), "last": accs[-1]},
+                    "val_loss": {"max": 2.0, "min": 1.0 + 0.1 * len(accs), "last": 1.5}}
+    last = {"epoch": epochs, "time_total_s": 10.0 + epochs, "node_id": "n1", **({"val_acc": accs[-1]} if accs else {})}
+    return SimpleNamespace(trial_id=tid, status=status, last_result=last if epochs else {}, metric_analysis=analysis,
+                           config=config or {"lr": 0.01, "optimizer": "adamw"}, path=f"/x/trial_{tid}",
+                           get_error=lambda: error, error_file=None)
+
+
+def rows_for(trials, finished):
+    return [results.trial_row(t, max_epochs=4, finished=finished) for t in trials]
+
+
+def test_status_best_last_and_error_of_each_trial():
+    trials = [
+        fake_trial("a", "TERMINATED", 4, [0.3, 0.5, 0.6, 0.55]),
+        fake_trial("b", "TERMINATED", 1, [0.2]),
+        fake_trial("c", "ERROR", 1, [0.1], error=RuntimeError(
+            "Traceback (most recent call last):\n  File \"x.py\", line 3\nfer_tune.search.trainable.TrialFailed: "
+            "TrainingDiverged: training loss became nan in epoch 2 (lr 1e+09)")),
+        fake_trial("d", "TERMINATED", 2, [0.4, 0.45]),
+        fake_trial("e", "PENDING", 0),
+        fake_trial("f", "RUNNING", 3, [0.1, 0.2, 0.7], config={"lr": 0.1, "optimizer": "sgd", "momentum": 0.9}),
+    ]
+    rows = {r["trial_id"]: r for r in rows_for(trials, finished={"a", "b", "c"})}
+    assert rows["a"]["status"] == "completed" and rows["a"]["best_val_acc"] == 0.6 and rows["a"]["last_val_acc"] == 0.55
+    assert rows["a"]["best_val_loss"] == pytest.approx(1.4)  # losses: best is the minimum
+    assert rows["b"]["status"] == "stopped early" and rows["b"]["epochs"] == 1
+    assert rows["c"]["status"] == "failed"
+    assert rows["c"]["error"] == "TrainingDiverged: training loss became nan in epoch 2 (lr 1e+09)"
+    assert rows["d"]["status"] == "interrupted"  # terminated, but Tune never completed it (Ctrl-C)
+    assert rows["e"]["status"] == "pending" and rows["f"]["status"] == "running"
+    assert rows["a"]["wall_s"] == 14.0 and rows["a"]["node_id"] == "n1"
+
+    table = results.build_table(rows.values(), "val_acc", "max", params=["optimizer", "lr", "momentum"])
+    assert list(table["trial_id"]) == ["f", "a", "d", "b", "c", "e"]  # best val_acc first, no metric last
+    assert list(table.columns[:6]) == ["trial_id", "status", "epochs", "optimizer", "lr", "momentum"]
+    assert results.best_row(table, "val_acc")["trial_id"] == "f"
+    by_loss = results.build_table(rows.values(), "val_loss", "min")
+    assert by_loss.iloc[0]["trial_id"] == "b"
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    trials = [fake_trial(t, "TERMINATED", e, accs, config={"lr": lr, "optimizer": opt, "model_kwargs.hidden": [64]})
+              for t, e, accs, lr, opt in [("t1", 4, [0.3, 0.62], 0.01, "adamw"), ("t2", 1, [0.25], 0.2, "sgd"),
+                                          ("t3", 4, [0.5, 0.71], 0.003, "adamw")]]
+    trials.append(fake_trial("t4", "ERROR", 1, [0.1], error=ValueError("boom")))
+    table = results.build_table(rows_for(trials, {"t1", "t2", "t3", "t4"}), "val_acc", "max")
+    exp = tmp_path / "results" / "smoke-1"
+    results.write_tables(exp, table, metric="val_acc", mode="max", configs={"t3": {"lr": 0.003}})
+    (exp / "search.yaml").write_text(yaml.safe_dump({"space": load_space("smoke").to_dict()}))
+    return exp
+
+
+def test_tables_round_trip_and_best_json(experiment):
+    csv = pd.read_csv(experiment / "trials.csv")
+    parquet = pd.read_parquet(experiment / "trials.parquet")
+    assert list(csv["trial_id"]) == list(parquet["trial_id"]) == ["t3", "t1", "t2", "t4"]
+    assert list(parquet["status"]) == ["completed", "completed", "stopped early", "failed"]
+    assert parquet.loc[3, "error"] == "ValueError: boom" or parquet.loc[3, "error"].endswith("boom")
+    best = json.loads((experiment / "best.json").read_text())
+    assert best["trial"]["trial_id"] == "t3" and best["value"] == 0.71 and best["config"] == {"lr": 0.003}
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json", "markdown"])
+def test_trials_command_formats(experiment, capsys, fmt):
+    assert main(["trials", str(experiment), "--format", fmt, "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    if fmt == "json":
+        rows = json.loads(out)
+        assert [r["trial_id"] for r in rows] == ["t3", "t1"]
+        assert set(rows[0]) >= {"status", "epochs", "best_val_acc", "last_val_acc", "lr", "optimizer", "wall_s"}
+    elif fmt == "csv":
+        lines = out.strip().splitlines()
+        assert lines[0].startswith("trial_id,status,epochs,best_val_acc,last_val_acc")
+        assert len(lines) == 3 and lines[1].startswith("t3,completed,4,0.71")
+    elif fmt == "markdown":
+        assert out.splitlines()[0].startswith("| trial_id | status | epochs | best_val_acc")
+        assert "| t3 | completed | 4 | 0.71 |" in out and "t2" not in out
+    else:
+        assert "t3" in out and "t1" in out and "t2" not in out and "best val_acc first" in out
+
+
+def test_trials_command_sort_default_latest_and_errors(experiment, capsys, monkeypatch):
+    monkeypatch.chdir(experiment.parent.parent)
+    assert main(["trials", "--format", "csv", "--sort", "val_loss"]) == 0  # latest under ./results
+    ids = [line.split(",")[0] for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    assert ids[0] == "t2"  # one epoch: lowest best val_loss in the stand-ins
+    assert main(["trials", "smoke-1", "--sort", "no_such_metric"]) == 2
+    assert "--sort no_such_metric: no such column" in capsys.readouterr().err
+    assert main(["trials", "nope"]) == 2
+    assert "no search experiment 'nope'" in capsys.readouterr().err
+    assert main(["board", "--print"]) == 0
+    assert capsys.readouterr().out.strip() == "tensorboard --logdir results/smoke-1 --port 6006"
+
+
+def test_search_flag_errors_are_one_line(capsys, tmp_path):
+    assert main(["search", "--space", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown search space" in err and "cnn, smoke, timm" in err
+    assert main(["search", "--space", "smoke", "--executor", "direct", "--workers-per-trial", "2"]) == 2
+    assert "needs --executor train" in capsys.readouterr().err
+    assert main(["search", "--space", "smoke", "--subset", "1.5"]) == 2
+    assert "--subset 1.5" in capsys.readouterr().err
+    assert main(["search", "--space", "smoke", "--dataset", "nosuch", "--data-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nosuch" in err and "fer-tune data prepare" in err
+
+
+def test_trials_importance_reads_the_optuna_journal(experiment, capsys):
+    import optuna
+
+    from fer_tune.search.tuner import journal_storage
+
+    assert main(["trials", str(experiment), "--importance"]) == 2
+    assert "no optuna.journal" in capsys.readouterr().err
+    study = optuna.create_study(study_name="smoke-1", direction="maximize",
+                                storage=journal_storage(experiment / "optuna.journal"),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True) * 10
+                   + 0.001 * (t.suggest_categorical("optimizer", ["adamw", "sgd"]) == "sgd"), n_trials=12)
+    assert main(["trials", str(experiment), "--importance"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("12 completed trials") and lines[1].split()[0] == "lr"
+    assert {line.split()[0] for line in lines[1:]} == {"lr", "optimizer"}

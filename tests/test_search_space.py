@@ -1,0 +1,141 @@
+"""Search spaces: parsing, define-by-run sampling, conditions, and every validation error."""
+
+import optuna
+import pytest
+
+from fer_tune.errors import UserError
+from fer_tune.search.space import list_spaces, load_space, parse_space
+from fer_tune.train import TrainConfig
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+BASE = {"max_epochs": 4, "grace_period": 1, "reduction_factor": 2}
+
+
+def sample(space, n=40, seed=0):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        values = space.suggest(trial)
+        study.tell(trial, 0.0)
+        out.append(values)
+    return out
+
+
+def test_shipped_spaces_load_and_sample_valid_configs():
+    assert {"cnn", "timm", "smoke"} <= set(list_spaces())
+    for name in ("smoke", "cnn"):
+        space = load_space(name)
+        for values in sample(space, 15):
+            cfg = space.trial_config(values, seed=3)
+            assert cfg.epochs == space.max_epochs and cfg.seed == 3
+            assert cfg.select_metric == space.metric
+    cnn = load_space("cnn")
+    assert set(cnn.params["class_weights"].args) == {"none", "inverse", "sqrt_inverse", "effective"}
+    assert {"model", "optimizer", "dropout", "weight_decay", "aug_strength", "class_weights", "lr", "batch_size",
+            "schedule", "label_smoothing"} <= set(cnn.searched())
+    assert (cnn.metric, cnn.mode) == ("val_acc", "max")
+
+
+def test_every_distribution_kind_samples_inside_its_bounds():
+    space = parse_space({**BASE,
+                         "optimizer": {"choice": ["adamw", "sgd"]},
+                         "dropout": {"uniform": [0.1, 0.4]},
+                         "lr": {"loguniform": [1e-4, 1e-2]},
+                         "batch_size": {"int": [16, 256], "log": True},
+                         "early_stop_patience": {"int": [0, 3]},
+                         "label_smoothing": {"quniform": [0.0, 0.2, 0.05]},
+                         "model": "mlp",
+                         "model_kwargs.hidden": {"choice": [[64], [128, 32]]},
+                         "mixup": 0.2})
+    values = sample(space, 60)
+    assert {v["optimizer"] for v in values} == {"adamw", "sgd"}
+    assert all(0.1 <= v["dropout"] <= 0.4 for v in values)
+    assert all(1e-4 <= v["lr"] <= 1e-2 for v in values)
+    assert all(isinstance(v["batch_size"], int) and 16 <= v["batch_size"] <= 256 for v in values)
+    assert {v["early_stop_patience"] for v in values} == {0, 1, 2, 3}
+    assert {round(v["label_smoothing"], 6) for v in values} <= {0.0, 0.05, 0.1, 0.15, 0.2}
+    assert {tuple(v["model_kwargs.hidden"]) for v in values} == {(64,), (128, 32)}  # list values survive
+    assert all(v["mixup"] == 0.2 and v["model"] == "mlp" for v in values)
+    cfg = space.trial_config(values[0])
+    assert cfg.model_kwargs == {"hidden": values[0]["model_kwargs.hidden"]} and cfg.mixup == 0.2
+    assert space.searched() == ["optimizer", "dropout", "lr", "batch_size", "early_stop_patience",
+                                "label_smoothing", "model_kwargs.hidden"]
+
+
+def test_conditions_activate_parameters_only_when_they_hold():
+    space = parse_space({**BASE,
+                         "model": {"choice": ["simple_cnn", "vgg_fer"]},
+                         "model_kwargs.width": {"choice": [0.5, 1.0], "when": {"model": "vgg_fer"}},
+                         "optimizer": {"choice": ["adamw", "sgd", "rmsprop"]},
+                         "momentum": {"uniform": [0.8, 0.99], "when": {"optimizer": ["sgd", "rmsprop"]}},
+                         "nesterov": {"value": False, "when": {"optimizer": "sgd"}}})
+    values = sample(space, 60)
+    for v in values:
+        assert ("momentum" in v) == (v["optimizer"] in ("sgd", "rmsprop"))
+        assert ("nesterov" in v) == (v["optimizer"] == "sgd")
+        assert ("model_kwargs.width" in v) == (v["model"] == "vgg_fer")
+        cfg = space.trial_config(v)
+        assert cfg.model_kwargs == ({"width": v["model_kwargs.width"]} if v["model"] == "vgg_fer" else {})
+    assert any("momentum" in v for v in values) and any("momentum" not in v for v in values)
+
+
+def test_budget_metric_and_mode():
+    space = parse_space({"metric": "val_loss", "max_epochs": 9, "grace_period": 3, "reduction_factor": 3})
+    assert space.mode == "min" and space.params["model"].args == TrainConfig.model
+    assert space.with_budget(metric="val_macro_f1").mode == "max"
+    assert space.with_budget(max_epochs=12).max_epochs == 12
+    with pytest.raises(UserError, match="grace_period .* exceeds max_epochs"):
+        space.with_budget(max_epochs=2)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"model": {"choice": ["simple_cnn", "resnet_imaginary"]}}, r"unknown model 'resnet_imaginary'.*choose from mlp, mlp_bn, simple_cnn"),
+    ({"model": "simple_cnnn"}, r"did you mean 'simple_cnn'"),
+    ({"optimizer": {"choice": ["adamw", "lion"]}}, r"unknown optimizer 'lion'; valid: adam, adamw, sgd, rmsprop, adagrad"),
+    ({"class_weights": {"choice": ["none", "balanced"]}}, r"unknown class weights 'balanced'; valid: none, inverse, sqrt_inverse, effective"),
+    ({"schedule": "step"}, r"unknown schedule 'step'; valid: cosine, onecycle, plateau, constant"),
+    ({"learning_rate": {"loguniform": [1e-4, 1e-2]}}, r"unknown key 'learning_rate'.*valid keys: model, model_kwargs"),
+    ({"epochs": 10}, r"'epochs' cannot be searched.*max_epochs"),
+    ({"lr": {"loguniform": [0, 1e-2]}}, r"loguniform needs low > 0"),
+    ({"lr": {"uniform": [1e-2, 1e-4]}}, r"needs low < high"),
+    ({"lr": {"normal": [0, 1]}}, r"give exactly one of choice, uniform, loguniform, int, quniform, value"),
+    ({"batch_size": {"int": [16.5, 64]}}, r"int needs whole-number bounds"),
+    ({"label_smoothing": {"quniform": [0, 0.2]}}, r"quniform needs \[low, high, q\]"),
+    ({"dropout": {"uniform": [0.0, 0.99]}}, r"dropout must be in \[0.0, 0.95\]"),
+    ({"optimizer": {"choice": []}}, r"choice needs a non-empty list"),
+    ({"momentum": {"uniform": [0.8, 0.9], "when": {"optimizer": "sgd"}}}, r"refers to 'optimizer', which is not a key above it"),
+    ({"optimizer": {"choice": ["adamw", "sgd"]}, "momentum": {"uniform": [0.8, 0.9], "when": {"optimizer": "rmsprop"}}},
+     r"optimizer can never be 'rmsprop'; optimizer takes adamw, sgd"),
+    ({"model": {"choice": ["mlp", "vgg_fer"]}, "model_kwargs.width": {"choice": [0.5, 1.0]}},
+     r"model 'mlp' has no argument 'width'; it accepts hidden"),
+    ({"metric": "val_accuracy"}, r"metric 'val_accuracy' is not one of train_loss, train_acc, val_loss, val_acc, val_macro_f1"),
+    ({"mode": "maximise"}, r"mode 'maximise' must be min or max"),
+    ({"reduction_factor": 1}, r"reduction_factor must be >= 2"),
+    ({"max_epochs": 0}, r"max_epochs must be a whole number >= 1"),
+])
+def test_invalid_spaces_name_the_problem_and_what_is_valid(raw, message):
+    with pytest.raises(UserError, match=message):
+        parse_space({**BASE, **raw}, name="bad")
+
+
+def test_unknown_space_name_lists_the_available_ones(tmp_path):
+    with pytest.raises(UserError, match=r"unknown search space \(did you mean 'smoke'\?\); available: cnn, smoke, timm"):
+        load_space("smok")
+    with pytest.raises(UserError, match="file not found"):
+        load_space(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_space(str(bad))
+    good = tmp_path / "mine.yaml"
+    good.write_text("max_epochs: 2\ngrace_period: 1\nmodel: simple_cnn\nlr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    assert load_space(str(good)).name == "mine"
+
+
+def test_timm_space_validates_names_with_timm():
+    space = load_space("timm")
+    assert all(m.startswith("timm/") for m in space.params["model"].args)
+    with pytest.raises(UserError, match=r"unknown timm model 'timm/resnet_18' \(did you mean 'timm/resnet18'\?\)"):
+        parse_space({**BASE, "model": {"choice": ["timm/resnet18", "timm/resnet_18"]}})

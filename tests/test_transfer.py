@@ -1,0 +1,127 @@
+"""`fer-tune transfer`: a toy FER-2013 model moved to a toy 'rafdb' (the same boxes, shifted and brighter)."""
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_retrain import QUIET, Counter, make_experiment, prepare_toy_fer
+
+from fer_tune.data.prepared import PreparedDataset
+from fer_tune.errors import UserError
+from fer_tune.evaluate import transfer
+from fer_tune.train import RunFolderReporter, TrainConfig, TrainData, fit, load_checkpoint
+from fer_tune.train.loop import classifier_of
+from fer_tune.train.checkpoint import model_from_checkpoint
+
+transfer_mod = importlib.import_module("fer_tune.evaluate.transfer")
+
+
+def shifted(split):
+    """Another 'dataset': boxes 3 px lower, background 40 brighter."""
+    x, y = split
+    x = np.roll(x, 3, axis=2).astype(np.int16) + 40
+    return np.clip(x, 0, 255).astype(np.uint8), y
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A data root with toy fer2013 and rafdb, and an experiment whose final/ holds one fer2013 model
+    (fabricated like `retrain` writes it: runs/<name>/best.pt listed in final/metrics.json)."""
+    root = tmp_path_factory.mktemp("transfer")
+    fer = prepare_toy_fer(root)
+    prepare_toy_fer(root, name="rafdb", transform=shifted)
+    exp = make_experiment(root / "results", fer)
+    run = exp / "final" / "runs" / "rank1-seed0"
+    cfg = TrainConfig(model="mlp", model_kwargs={"hidden": [64]}, epochs=2, batch_size=64, lr=3e-3,
+                      channels_last=False, aug_strength=0.0, schedule="constant")
+    result = fit(cfg, TrainData.from_prepared(fer), RunFolderReporter(run, progress=False, tensorboard=False))
+    (exp / "final" / "metrics.json").write_text(json.dumps({
+        "dataset": {"name": "fer2013"},
+        "models": [{"name": "rank1-seed0", "rank": 1, "checkpoint": "runs/rank1-seed0/best.pt",
+                    "val": {"val_acc": result.best["val_acc"]}, "config": cfg.to_dict()}]}))
+    return root / "data", exp
+
+
+def test_transfer_all_strategies(world, monkeypatch):
+    data_root, exp = world
+    reads = []
+    original = PreparedDataset.arrays
+    monkeypatch.setattr(PreparedDataset, "arrays", lambda self, split: reads.append((self.name, split))
+                        or original(self, split))
+    scored = Counter(transfer_mod.score_on_test)
+    monkeypatch.setattr(transfer_mod, "score_on_test", scored)
+    lines = []
+    m = transfer(exp, to="rafdb", strategy="all", epochs=2, lr_factor=1.0, data_root=data_root, progress=False,
+                 log=lines.append)
+
+    # Each test split is read once, after fine-tuning; each model scores each split once.
+    assert sorted(r for r in reads if r[1] == "test") == [("fer2013", "test"), ("rafdb", "test")]
+    assert len(scored.calls) == 5 * 2
+    rows = {r["strategy"]: r for r in m["comparison"]}
+    assert list(rows) == ["zero-shot", "full", "freeze-lower", "linear-probe", "joint"]
+    before = rows["zero-shot"]["source_acc"]
+    for r in rows.values():
+        assert r["forgetting"] == pytest.approx(before - r["source_acc"])
+        t = m["test"][r["strategy"]]["target"]["all"]
+        cm = np.array(t["confusion_matrix"])
+        assert cm.sum() == 140 and r["target_acc"] == pytest.approx(np.trace(cm) / 140)
+    assert rows["zero-shot"]["epochs_run"] == 0 and rows["full"]["epochs_run"] == 2
+    # Fine-tuning on the shifted data beats using the model as it is.
+    assert max(rows[s]["target_acc"] for s in ("full", "joint")) > rows["zero-shot"]["target_acc"]
+
+    # The printed comparison table has every strategy.
+    table = next(text for text in lines if text.startswith("strategy")).splitlines()
+    assert all(name in table[0] for name in ("rafdb acc", "fer2013 acc", "forgot"))
+    assert [line.split()[0] for line in table[1:]] == list(rows)
+    assert f"{rows['joint']['target_acc']:.4f}" in table[5]
+
+    # Joint: the mixture is half fer2013 (a stratified sample), val stays rafdb's.
+    mix = m["strategies"]["joint"]["mixture"]
+    assert mix["target_images"] == 480 and abs(mix["source_fraction"] - 0.5) < 0.02
+    # Freezing: the frozen parameters kept the source model's values, the others moved.
+    out = exp / "transfer"
+    source = load_checkpoint(exp / "final" / "runs" / "rank1-seed0" / "best.pt")["model"]
+    model, _ = model_from_checkpoint(load_checkpoint(out / "linear-probe" / "best.pt"))
+    head = {n for n, p in model.named_parameters() if any(p is q for q in classifier_of(model).parameters())}
+    tuned = {n: p for n, p in model.named_parameters()}
+    for name, value in tuned.items():
+        assert torch.equal(value, source[name]) == (name not in head), name
+    lower = load_checkpoint(out / "freeze-lower" / "best.pt")["model"]
+    body = [n for n, _ in model.named_parameters() if n not in head]
+    frozen = body[: len(body) // 2]
+    assert frozen and all(torch.equal(lower[n], source[n]) for n in frozen)
+    assert not all(torch.equal(lower[n], source[n]) for n in body[len(body) // 2:])
+    full = load_checkpoint(out / "full" / "best.pt")["model"]
+    assert not any(torch.equal(full[n], source[n]) for n in body)
+
+    for f in ("metrics.json", "report.md", "transfer_comparison.png", "learning_curves.png", "confusion_matrices.png",
+              "per_class_f1.png", "class_distribution.png", "joint/best.pt", "full/metrics.csv"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "metrics.json").read_text())["comparison"] == m["comparison"]
+    assert "forgot" in (out / "report.md").read_text()
+    assert not [p for p in exp.iterdir() if p.name.startswith(".")]
+
+    with pytest.raises(UserError, match="transfer already exists; pass --force"):
+        transfer(exp, to="rafdb", data_root=data_root, **QUIET)
+
+
+def test_image_shapes_must_match(world, tmp_path):
+    data_root, exp = world
+    prepare_toy_fer(tmp_path, name="rafdb24", size=24)
+    (tmp_path / "data" / "fer2013").symlink_to(data_root / "fer2013")
+    with pytest.raises(UserError, match=r"rafdb24 images are 1x24x24 but the model .* use 1x48x48; .*--size 48"):
+        transfer(exp, to="rafdb24", data_root=tmp_path / "data", force=True, **QUIET)
+
+
+def test_transfer_needs_a_retrained_model(world, tmp_path):
+    data_root, exp = world
+    fer = PreparedDataset(data_root / "fer2013")
+    bare = make_experiment(tmp_path, fer)
+    with pytest.raises(UserError, match=r"no retrained model .* run `fer-tune retrain exp` first"):
+        transfer(bare, to="rafdb", data_root=data_root, **QUIET)
+    with pytest.raises(UserError, match="--strategy everything: choose one of full, freeze-lower"):
+        transfer(bare, to="rafdb", strategy="everything", data_root=data_root, **QUIET)
+    with pytest.raises(UserError, match="--joint-fraction 1.0: must lie strictly between 0 and 1"):
+        transfer(bare, to="rafdb", strategy="joint", joint_fraction=1.0, data_root=data_root, **QUIET)
