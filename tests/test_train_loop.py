@@ -161,3 +161,19 @@ def test_time_budget_replans_when_the_machine_slows_down(toy_data):
     assert elapsed < 8.0 + 1.5  # one slow epoch is ~0.5 s plus eval
     lrs = [h["lr"] for h in rep.history]
     assert lrs[-1] < 0.1 * max(lrs)  # the cosine schedule was shrunk to end with the run
+
+
+def test_a_slow_first_epoch_does_not_collapse_the_schedule(toy_data):
+    """The first epoch pays one-off costs (and may meet a load spike): it must not be taken as the pace."""
+    import time
+
+    class SlowStart(MemoryReporter):
+        def step(self, loss=None):
+            if not self.history:
+                time.sleep(0.55)  # epoch 1 alone costs ~5.5 s more (10 batches)
+
+    rep = SlowStart()
+    result = fit(TrainConfig(**{**FAST, "epochs": 1000, "time_budget": 16.0}), toy_data, rep)
+    lrs = [h["lr"] for h in rep.history]
+    assert result.epochs_run >= 4
+    assert min(lrs[:-1]) > 0.01 * max(lrs)  # no epoch trained at ~zero learning rate before the end

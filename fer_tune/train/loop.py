@@ -254,12 +254,18 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
 
 
 def _replan_for_budget(cfg: TrainConfig, history: list[dict], run_start: float, schedule: Schedule) -> int:
-    """Epochs that still fit in the time budget at the pace of the last few epochs (the machine's
-    load may have changed since the first estimate); the schedule is stretched or shrunk to match."""
-    recent = [h["epoch_seconds"] for h in history[-3:]]
+    """Epochs that still fit in the time budget at the recent pace (the machine's load may have
+    changed since the first estimate); the schedule is stretched or shrunk to match.
+
+    The pace is the median of the last three epochs after the first: the first pays one-off set-up
+    (kernel selection, allocations), and one slow epoch should not collapse the schedule.
+    """
+    recent = sorted(h["epoch_seconds"] for h in history[1:][-3:])
+    if not recent:
+        return cfg.epochs
+    pace = recent[len(recent) // 2]
     remaining = cfg.time_budget - (time.perf_counter() - run_start)
-    done = int(history[-1]["epoch"])
-    return schedule.resize(done + max(0, int(remaining / (sum(recent) / len(recent)))))
+    return schedule.resize(int(history[-1]["epoch"]) + max(0, int(remaining / pace)))
 
 
 def classifier_of(model: torch.nn.Module) -> torch.nn.Module:
