@@ -10,7 +10,6 @@ K best trials into `TrainConfig`s, the same way the search built them (`SearchSp
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 
 from fer_tune.errors import UserError
+from fer_tune.search.results import plain_value
 from fer_tune.train.config import TrainConfig
 
 MODEL_KW = "model_kwargs."
@@ -100,7 +100,7 @@ def ranked_configs(exp: Experiment, count: int) -> list[RankedConfig]:
         if "status" in ok.columns:
             ok = ok[ok["status"].astype(str).isin(RANKABLE)]
         ok = ok.sort_values(key, ascending=exp.mode == "min", kind="stable")
-        rows = [{k: _plain(v) for k, v in r.items()} for r in ok.to_dict("records")]
+        rows = [{k: plain_value(v) for k, v in r.items()} for r in ok.to_dict("records")]
     if not rows and exp.best.get("config"):
         rows = [dict(exp.best.get("trial") or {}, trial_id=(exp.best.get("trial") or {}).get("trial_id", "best"))]
     if not rows:
@@ -160,14 +160,6 @@ def _params_of(row: dict) -> dict:
                 pass
         out[key] = value
     return out
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def _read_table(path: Path):

@@ -140,7 +140,7 @@ def best_row(df: pd.DataFrame, metric: str) -> dict | None:
     if df.empty or key not in df.columns or df[key].isna().all():
         return None
     row = df[df[key].notna()].iloc[0].to_dict()
-    return {k: _plain(v) for k, v in row.items()}
+    return {k: plain_value(v) for k, v in row.items()}
 
 
 def _to_parquet(df: pd.DataFrame, path: str) -> None:
@@ -159,7 +159,8 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
+    """A table cell as a plain Python value (numpy scalars unwrapped, NaN -> None)."""
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and math.isnan(value):
@@ -181,7 +182,7 @@ def finished_trials(exp_dir: str | Path) -> dict[str, dict]:
         if row.get("status") == "failed":
             out[str(row["trial_id"])] = {"error": str(row.get("error") or "failed")}
         elif row.get("status") in ("completed", "stopped early"):
-            metrics = {m: _plain(row[f"last_{m}"]) for m in TABLE_METRICS if _plain(row.get(f"last_{m}")) is not None}
+            metrics = {m: plain_value(row[f"last_{m}"]) for m in TABLE_METRICS if plain_value(row.get(f"last_{m}")) is not None}
             out[str(row["trial_id"])] = {"metrics": {"epoch": int(row["epochs"]), **metrics}}
     return out
 
@@ -260,7 +261,7 @@ def format_table(df: pd.DataFrame, fmt: str = "table", *, sort: str | None = Non
     if fmt == "csv":
         return df.to_csv(index=False).rstrip("\n")
     if fmt == "json":
-        return json.dumps([{k: _plain(v) for k, v in r.items()} for r in df.to_dict("records")], indent=2, default=str)
+        return json.dumps([{k: plain_value(v) for k, v in r.items()} for r in df.to_dict("records")], indent=2, default=str)
     shown = df.map(_short)
     if fmt == "markdown":
         head = "| " + " | ".join(shown.columns) + " |"
