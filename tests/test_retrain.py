@@ -201,16 +201,22 @@ def test_top_k_ensemble_averages_the_softmax_of_the_k_best(toy_fer, tmp_path, mo
     assert [x["name"] for x in m["models"]] == ["rank1-seed0", "rank2-seed0"]
     assert [c["trial_id"] for c in m["configs"]] == ["t1", "t2"]
     assert m["models"][1]["config"]["model"] == "simple_cnn" and m["models"][1]["epochs_run"] == 1
-    assert len(scored.calls) == 2 and all(c[1]["tta"] for c in scored.calls)
+    # --tta: each model is scored with the flip and, in the same pass, without it.
+    assert [c[1]["tta"] for c in scored.calls] == [True, False, True, False]
+    flip = [c[2] for c in scored.calls if c[1]["tta"]]
+    plain = [c[2] for c in scored.calls if not c[1]["tta"]]
     # The ensemble is scored from the same probabilities: their mean, argmax, against the test labels.
     test_y = ds.arrays("test")[1]
-    mean = (scored.calls[0][2] + scored.calls[1][2]) / 2
     (ens,) = m["ensembles"]
     assert ens["members"] == ["rank1-seed0", "rank2-seed0"]
-    assert ens["test"]["all"]["accuracy"] == pytest.approx(np.mean(mean.argmax(1) == test_y))
+    assert ens["test"]["all"]["accuracy"] == pytest.approx(np.mean(np.mean(flip, 0).argmax(1) == test_y))
     assert m["final"]["models"] == [ens["name"]]
     assert m["final"]["test"]["all"]["accuracy"]["mean"] == ens["test"]["all"]["accuracy"]
+    assert m["final"]["test_without_tta"]["all"]["accuracy"]["mean"] == pytest.approx(
+        np.mean(np.mean(plain, 0).argmax(1) == test_y))
+    assert m["models"][0]["test_without_tta"]["all"]["accuracy"] == pytest.approx(np.mean(plain[0].argmax(1) == test_y))
     assert m["protocol"]["tta"] == "horizontal flip"
+    assert "accuracy (no TTA)" in (tmp_path / "exp" / "final" / "report.md").read_text()
 
 
 def test_errors_leave_nothing_half_written(toy_fer, tmp_path, monkeypatch):

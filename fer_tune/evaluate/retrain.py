@@ -73,6 +73,7 @@ class RunResult:
     stop_reason: str
     seconds: float
     test: dict = field(default_factory=dict)
+    test_without_tta: dict = field(default_factory=dict)  # with --tta: the same model, no flip
 
     @property
     def checkpoint(self) -> Path:
@@ -110,13 +111,20 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
                           gpus_per_run=gpus_per_run, device=device, progress=progress, log=log)
         # The test split: read once, after every model is final; each model predicts it once.
         test = EvalData.from_prepared(ds, "test")
-        probs = {}
+        # With --tta the same pass also scores each model without it, so both figures come from one
+        # evaluation of the final model (nothing is chosen between them).
+        probs, plain = {}, {}
         for run in runs:
-            probs[run.spec.name] = score_on_test(load_checkpoint(run.checkpoint), test.images, tta=tta, device=device)
+            state = load_checkpoint(run.checkpoint)
+            probs[run.spec.name] = score_on_test(state, test.images, tta=tta, device=device)
             run.test = split_scores(probs[run.spec.name], test.labels, test.classes, test.train_copy)
+            if tta:
+                plain[run.spec.name] = score_on_test(state, test.images, tta=False, device=device)
+                run.test_without_tta = split_scores(plain[run.spec.name], test.labels, test.classes, test.train_copy)
         ensembles = _ensembles(runs, probs, test) if len(ranked) > 1 else []
+        plain_ensembles = _ensembles(runs, plain, test) if tta and len(ranked) > 1 else []
         metrics = _metrics(exp, ds, ranked, runs, ensembles, test, tta=tta, seeds=seeds, epochs_rule=epochs_rule,
-                           subset=subset, seconds=time.time() - t0)
+                           subset=subset, seconds=time.time() - t0, plain_ensembles=plain_ensembles)
         write_final_report(out, metrics, runs, ds)
     log(summary_text(metrics, exp.final_dir))
     return metrics
@@ -261,8 +269,14 @@ def summarize(tests: list[dict], classes) -> dict:
 
 
 def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tta, seeds, epochs_rule, subset,
-             seconds) -> dict:
+             seconds, plain_ensembles=()) -> dict:
     final_tests = [e["test"] for e in ensembles] if ensembles else [r.test for r in runs]
+    final = {"kind": f"ensemble of the top {len(ranked)} configs (softmax average)" if ensembles else "single model",
+             "models": [e["name"] for e in ensembles] or [r.spec.name for r in runs],
+             "test": summarize(final_tests, test.classes)}
+    if tta:
+        plain_tests = [e["test"] for e in plain_ensembles] if plain_ensembles else [r.test_without_tta for r in runs]
+        final["test_without_tta"] = summarize(plain_tests, test.classes)
     return {
         "experiment": exp.name,
         "experiment_dir": str(exp.path),
@@ -277,14 +291,12 @@ def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tt
                      "search_metric": exp.metric, "search_mode": exp.mode},
         "configs": [{"rank": r.rank, "trial_id": r.trial_id, f"search_best_{exp.metric}": r.score,
                      "params": r.params, "config": r.config.to_dict()} for r in ranked],
-        "final": {"kind": f"ensemble of the top {len(ranked)} configs (softmax average)" if ensembles else
-                  "single model", "models": [e["name"] for e in ensembles] or [r.spec.name for r in runs],
-                  "test": summarize(final_tests, test.classes)},
+        "final": final,
         "models": [{"name": r.spec.name, "rank": r.spec.rank, "trial_id": r.spec.trial_id, "seed": r.spec.seed,
                     "checkpoint": f"runs/{r.spec.name}/best.pt", "epochs_run": r.epochs_run,
                     "stop_reason": r.stop_reason, "best_epoch": r.best.get("epoch"), "seconds": round(r.seconds, 1),
                     "val": {k: v for k, v in r.best.items() if k.startswith("val_")}, "config": r.config.to_dict(),
-                    "test": r.test} for r in runs],
+                    "test": r.test} | ({"test_without_tta": r.test_without_tta} if tta else {}) for r in runs],
         "ensembles": ensembles,
         "seconds": round(seconds, 1),
     }
@@ -295,9 +307,13 @@ def summary_text(metrics: dict, final_dir: Path) -> str:
     lines = [f"final ({metrics['final']['kind']}, {metrics['protocol']['seeds']} seed(s)) on "
              f"{metrics['dataset']['name']} test:"]
     names = {"all": "full test", "no_train_copy": "no copy in train"}
+    plain = metrics["final"].get("test_without_tta", {})
     for subset, s in test.items():
         lines.append(f"  {names[subset]:17s} ({s['images']} images): accuracy {rep.pm(s['accuracy'])}, "
-                     f"macro-F1 {rep.pm(s['macro_f1'])}")
+                     f"macro-F1 {rep.pm(s['macro_f1'])}" + (" (flip TTA)" if plain else ""))
+        if subset in plain:
+            lines.append(f"  {'':17s} without TTA: accuracy {rep.pm(plain[subset]['accuracy'])}, "
+                         f"macro-F1 {rep.pm(plain[subset]['macro_f1'])}")
     lines.append(f"written: {final_dir}/ (report.md, metrics.json, runs/*/best.pt)")
     return "\n".join(lines)
 
@@ -348,9 +364,15 @@ def final_markdown(m: dict, plots: dict) -> str:
     lines += ["## Test results", ""]
     rows = []
     names = {"all": "full test split", "no_train_copy": "test images with no copy in train"}
+    plain = final.get("test_without_tta", {})
     for subset, s in test.items():
-        rows.append([names[subset], s["images"], rep.pm(s["accuracy"]), rep.pm(s["macro_f1"])])
-    lines += [rep.md_table(["evaluated on", "images", "accuracy", "macro-F1"], rows), ""]
+        rows.append([names[subset], s["images"], rep.pm(s["accuracy"]), rep.pm(s["macro_f1"])]
+                    + ([rep.pm(plain[subset]["accuracy"]), rep.pm(plain[subset]["macro_f1"])] if plain else []))
+    head = ["evaluated on", "images", "accuracy", "macro-F1"]
+    if plain:
+        head = ["evaluated on", "images", "accuracy (flip TTA)", "macro-F1 (flip TTA)", "accuracy (no TTA)",
+                "macro-F1 (no TTA)"]
+    lines += [rep.md_table(head, rows), ""]
     if d.get("test_with_train_copy"):
         lines += [f"{d['test_with_train_copy']} test images have a pixel-identical copy in train; the second row "
                   "leaves them out (the first is comparable with published FER-2013 figures).", ""]
