@@ -209,10 +209,3 @@ def _hparam(value):
     if isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
-
-
-def experiment_folder(storage: str, name: str) -> Path | None:
-    """The local experiment folder, or None for a URI storage."""
-    if "://" in storage and not storage.startswith("file://"):
-        return None
-    return Path(storage.removeprefix("file://")).expanduser().resolve() / name

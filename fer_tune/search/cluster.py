@@ -99,6 +99,28 @@ def check_fits(capacity: dict[str, float], workers: int, cpus: float, gpus: floa
                         f"{capacity['GPU']:g} GPUs; lower --workers-per-trial/--cpus-per-trial/--gpus-per-trial")
 
 
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def check_local_storage(storage: str, capacity: dict[str, float], gpus_per_trial: float) -> None:
+    """A plain local --storage works on one node only: Ray Tune needs storage that every node
+    reaches. Refused when the cluster has more than one node, or when trials need GPUs that no
+    node has yet (an autoscaling cluster is about to add nodes)."""
+    nodes = alive_nodes()
+    if nodes > 1:
+        why = f"this Ray cluster has {nodes} nodes"
+    elif gpus_per_trial > 0 and capacity["GPU"] == 0:
+        why = "trials need GPUs that only nodes the autoscaler adds will have"
+    else:
+        return
+    raise UserError(f"--storage {storage}: a local folder is not shared between nodes ({why}) and Ray Tune needs "
+                    "storage every node can reach; use --storage s3://bucket/prefix (or gs://...), or a shared "
+                    "filesystem mounted at the same path on every node, written as --storage file:///that/path")
+
+
 def leftovers() -> dict[str, list]:
     """What a finished search should not leave alive: placement groups not REMOVED (other than
     those of live actors the caller still holds) and PlacementGroupCleaner actors."""

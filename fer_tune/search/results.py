@@ -188,8 +188,18 @@ def finished_trials(exp_dir: str | Path) -> dict[str, dict]:
 
 
 def find_experiment(target: str | None, storage: str | Path = "results") -> Path:
-    """An experiment folder: a path, a name under `storage`, or (None) the latest one there."""
-    root = Path(storage)
+    """An experiment folder: a path, a name under `storage`, or (None) the latest one there. An
+    experiment in cloud storage (`s3://bucket/prefix/NAME`, or NAME with `--storage s3://...`) is
+    fetched into the local cache first (its tables, record and Optuna journal)."""
+    from fer_tune.search import storage as storage_mod
+
+    if target and storage_mod.is_uri(target):
+        return storage_mod.fetch(target)
+    if storage_mod.is_uri(storage):
+        if not target:
+            raise UserError(f"--storage {storage}: name the experiment (fer-tune trials NAME --storage {storage})")
+        return storage_mod.fetch(f"{str(storage).rstrip('/')}/{target}")
+    root = Path(str(storage).removeprefix("file://"))
     if target:
         for candidate in (Path(target), root / target):
             if (candidate / "trials.csv").is_file() or (candidate / "search.yaml").is_file():

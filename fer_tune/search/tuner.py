@@ -28,7 +28,9 @@ import yaml
 
 from fer_tune.errors import UserError
 from fer_tune.search import results
-from fer_tune.search.callbacks import CheckpointCleanup, TablesCallback, TensorBoardCallback, experiment_folder
+from fer_tune.search import storage as storage_mod
+from fer_tune.search.callbacks import CheckpointCleanup, TablesCallback, TensorBoardCallback
+from fer_tune.search.storage import experiment_folder, local_cache
 from fer_tune.search.space import SearchSpace, load_space, parse_space
 from fer_tune.search.trainable import TrialSetup, direct_trial, train_trial
 from fer_tune.train.loop import TrainData
@@ -108,12 +110,15 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
         raise UserError(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
     _check_flags(executor, workers_per_trial, cpus_per_trial, gpus_per_trial, concurrency, subset, trials,
                  max_failures, report_interval_s)
-    storage = _storage_uri(storage)
+    shared_path = str(storage).startswith("file://")  # the user vouches that every node mounts it
+    storage = storage_mod.normalize(storage)
     if resume:
         # Continue the search as it was started: its space, budget, data, seed, sampler and executor.
         name = _experiment_name(name, None, storage, resume=True)
         local_dir = experiment_folder(storage, name)
-        record = _read_record(local_dir or _local_cache(name), storage, name)
+        if local_dir is None:  # the record, journal and tables come back from the URI (any machine can resume)
+            storage_mod.fetch(f"{storage}/{name}", local_cache(name))
+        record = _read_record(local_dir or local_cache(name), storage, name)
         space, saved = _saved_search(record)
         trials, executor, seed, subset = saved["trials"], saved["executor"], saved["seed"], saved["subset"]
         workers_per_trial, cpus_per_trial = saved["workers_per_trial"], saved["cpus_per_trial"]
@@ -151,12 +156,14 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
             print(f"fer-tune: {executor} executor on {where} ({capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs); "
                   "inspect it with `RAY_AUTH_MODE=token ray status` (token authentication is on by default)")
         cluster.check_fits(capacity, workers_per_trial, cpus_per_trial, gpus_per_trial, address)
+        if local_dir is not None and not shared_path:
+            cluster.check_local_storage(storage, capacity, gpus_per_trial)
         holds = cluster.max_concurrency(capacity, workers_per_trial, cpus_per_trial, gpus_per_trial)
         concurrency = concurrency or holds
         if concurrency > holds and not address and executor == "train":
             print(f"fer-tune: warning: --concurrency {concurrency} > the {holds} trials this machine holds; "
                   "the extra trials' worker groups wait for CPUs", file=sys.stderr)
-        work_dir = local_dir or _local_cache(name)
+        work_dir = local_dir or local_cache(name)
         work_dir.mkdir(parents=True, exist_ok=True)
         setup = TrialSetup(space=space, epochs=space.max_epochs, seed=seed, subset=subset, executor=executor,
                            workers=workers_per_trial, cpus_per_worker=cpus_per_trial, gpus_per_worker=gpus_per_trial,
@@ -204,7 +211,7 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
                                                "epochs_without_early_stopping": summary.epochs_without_early_stopping,
                                                "seconds": round(summary.seconds, 1)}, keep_from=work_dir / "search.yaml")
         if local_dir is None:
-            _upload(work_dir, f"{storage}/{name}")
+            storage_mod.upload(work_dir, f"{storage}/{name}")
         return summary
     finally:
         cluster.shutdown(started)
@@ -374,11 +381,6 @@ def _check_flags(executor, workers, cpus, gpus, concurrency, subset, trials, max
         raise UserError(f"report interval {report_interval_s}: must be > 0")
 
 
-def _storage_uri(storage: str | Path) -> str:
-    text = str(storage)
-    if "://" in text and not text.startswith("file://"):
-        return text.rstrip("/")
-    return str(Path(text.removeprefix("file://")).expanduser().resolve())
 
 
 def _read_record(folder: Path, storage: str, name: str) -> dict:
@@ -480,14 +482,4 @@ def _write_yaml(path: Path, payload: dict, keep_from: Path | None = None) -> Non
     os.replace(tmp, path)
 
 
-def _local_cache(name: str) -> Path:
-    return Path(os.environ.get("FER_TUNE_CACHE", Path.home() / ".cache" / "fer-tune")) / "experiments" / name
 
-
-def _upload(local: Path, uri: str) -> None:
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    for item in ("search.yaml", JOURNAL):
-        if (local / item).is_file():
-            pyarrow.fs.copy_files(str(local / item), f"{path}/{item}", destination_filesystem=fs)

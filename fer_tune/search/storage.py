@@ -1,0 +1,96 @@
+"""Where experiments live: a local folder, or a URI that every node of a cluster can reach
+(`s3://bucket/prefix`, `gs://...`; anything pyarrow.fs opens, which is what Ray Tune uses).
+
+With a URI storage, Ray Tune syncs the trial folders and our tables (trials.csv/parquet,
+best.json) there itself; the driver keeps search.yaml and the Optuna journal in a local cache
+(`$FER_TUNE_CACHE`, default ~/.cache/fer-tune/experiments/<name>) and uploads them at the end.
+`fetch` brings an experiment's small files back from the URI, for `fer-tune trials`, retrain and
+`--resume` on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fer_tune.errors import UserError
+
+# The files of an experiment that are not per trial (what `fetch` copies back).
+EXPERIMENT_FILES = ("search.yaml", "trials.csv", "trials.parquet", "best.json", "optuna.journal")
+
+
+def is_uri(storage: str | Path) -> bool:
+    text = str(storage)
+    return "://" in text and not text.startswith("file://")
+
+
+def normalize(storage: str | Path) -> str:
+    """A URI without its trailing slash, or an absolute local path (`file://` stripped)."""
+    text = str(storage)
+    if is_uri(text):
+        return text.rstrip("/")
+    return str(Path(text.removeprefix("file://")).expanduser().resolve())
+
+
+def experiment_folder(storage: str, name: str) -> Path | None:
+    """The local experiment folder, or None for a URI storage."""
+    if is_uri(storage):
+        return None
+    return Path(str(storage).removeprefix("file://")).expanduser().resolve() / name
+
+
+def local_cache(name: str) -> Path:
+    """The driver's local copy of a URI experiment's record, journal and tables."""
+    return Path(os.environ.get("FER_TUNE_CACHE", Path.home() / ".cache" / "fer-tune")) / "experiments" / name
+
+
+def upload(local: Path, uri: str, items=("search.yaml", "optuna.journal")) -> None:
+    import pyarrow.fs
+
+    fs, path = _filesystem(uri)
+    for item in items:
+        if (local / item).is_file():
+            pyarrow.fs.copy_files(str(local / item), f"{path}/{item}", destination_filesystem=fs)
+
+
+def fetch(uri: str, dest: Path | None = None) -> Path:
+    """Copy an experiment's EXPERIMENT_FILES from `uri` into `dest` (default: the local cache);
+    files the URI does not have are removed from `dest`, so it mirrors the URI."""
+    import pyarrow.fs
+
+    uri = uri.rstrip("/")
+    dest = dest or local_cache(uri.rsplit("/", 1)[-1])
+    fs, path = _filesystem(uri)
+    try:
+        infos = fs.get_file_info([f"{path}/{item}" for item in EXPERIMENT_FILES])
+    except OSError as exc:
+        raise UserError(f"{uri}: cannot read it ({_first_line(exc)}); check the URI and your cloud credentials") \
+            from None
+    found = {Path(i.path).name: i for i in infos if i.type == pyarrow.fs.FileType.File}
+    if "search.yaml" not in found and "trials.csv" not in found:
+        raise UserError(f"{uri}: no search experiment there (no search.yaml or trials.csv)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in EXPERIMENT_FILES:
+        target = dest / item
+        if item in found:
+            tmp = dest / f".{item}.part"
+            pyarrow.fs.copy_files(found[item].path, str(tmp), source_filesystem=fs)
+            os.replace(tmp, target)
+        elif target.exists():
+            target.unlink()
+    return dest
+
+
+def _filesystem(uri: str):
+    import pyarrow.fs
+
+    try:
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--storage {uri}: not a storage URI pyarrow can open ({_first_line(exc)}); use "
+                        "s3://bucket/prefix, gs://bucket/prefix or a local folder") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

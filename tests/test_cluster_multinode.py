@@ -1,0 +1,157 @@
+"""A two-node Ray cluster on this machine (Ray's own `ray.cluster_utils.Cluster`: a head and a
+worker node, separate raylets with 1 CPU each) with an S3-compatible server on loopback (moto):
+the multi-node path of `fer-tune search --address ... --storage s3://...`, then `fer-tune trials`
+and `--resume` reading the experiment back from the bucket.
+"""
+
+import socket
+import sys
+
+import pandas as pd
+import pytest
+import ray
+import yaml
+
+from conftest import toy_arrays
+from fer_tune.errors import UserError
+from fer_tune.search import cluster
+from fer_tune.search.space import parse_space
+from fer_tune.search.tuner import run_search
+from fer_tune.train import TrainData
+
+pytestmark = pytest.mark.slow
+
+moto_server = pytest.importorskip("moto.server", reason="moto[server] (a dev dependency) is not installed")
+
+CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+SPACE = {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2, "model": "simple_cnn",
+         "model_kwargs.width": 0.25, "model_kwargs.hidden": 32, "batch_size": 32, "channels_last": False,
+         "aug_strength": 0.0, "schedule": "constant", "label_smoothing": 0.0,
+         "lr": {"loguniform": [1e-3, 1e-2]}}
+BUCKET = "fer-tune-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on loopback; every process started later (Ray's nodes) inherits the
+    endpoint and the fake credentials from the environment."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per S3 request otherwise
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        import boto3
+
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_nodes(s3):
+    from ray.cluster_utils import Cluster
+
+    # Ray reads its auth mode once per process, and this one may have run Ray without a token
+    # already; the nodes here run without one too (fer-tune would otherwise switch to token mode
+    # when ~/.ray/auth_token exists, as it must for clusters from `ray start`).
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    ray_cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                                 "dashboard_port": free_port()})
+    ray_cluster.add_node(num_cpus=1)
+    ray_cluster.wait_for_nodes()
+    import ray
+
+    ray.init(address=ray_cluster.address)  # the searches join this driver connection (and leave it up)
+    yield ray_cluster
+    ray.shutdown()
+    ray_cluster.shutdown()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    tx, ty = toy_arrays(192, seed=0, size=16)
+    vx, vy = toy_arrays(64, seed=1, size=16)
+    return TrainData(tx, ty, vx, vy, CLASSES)
+
+
+def keys(client, prefix: str) -> set[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {obj["Key"][len(prefix):] for page in pages for obj in page.get("Contents", [])}
+
+
+def test_two_node_search_with_s3_storage_then_trials_and_resume(two_nodes, s3, tiny_data, tmp_path, monkeypatch,
+                                                                capsys):
+    monkeypatch.setenv("FER_TUNE_CACHE", str(tmp_path / "cache"))
+    space = parse_space(SPACE, name="tiny")
+    address = two_nodes.address
+
+    # A plain local folder is refused on a multi-node cluster, before any trial starts.
+    with pytest.raises(UserError, match=r"--storage .*local folder is not shared between nodes \(this Ray cluster "
+                                        r"has 2 nodes\).*s3://"):
+        run_search(space, tiny_data, trials=2, storage=tmp_path / "local", name="refused", address=address,
+                   progress=False)
+    assert not (tmp_path / "local" / "refused").exists()
+
+    storage = f"s3://{BUCKET}/experiments"
+    summary = run_search(space, tiny_data, trials=4, concurrency=2, storage=storage, name="twonode", seed=3,
+                         address=address, executor="train", progress=False)
+    table = summary.table
+    assert len(table) == 4 and set(table["status"]) == {"completed"}, table["error"].tolist()
+    # Trials ran on both nodes.
+    node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert set(table["node_id"]) == node_ids and len(node_ids) == 2
+    assert not any(cluster.wait_for_no_leftovers(timeout_s=20).values())
+
+    # Everything is in the bucket: tables, record, the Optuna study, each trial's folder.
+    stored = keys(s3, "experiments/twonode/")
+    assert {"trials.csv", "trials.parquet", "best.json", "search.yaml", "optuna.journal"} <= stored
+    assert {tid for tid in table["trial_id"] if any(k.startswith(f"trial_{tid}/") for k in stored)} == \
+        set(table["trial_id"])
+    record = yaml.safe_load(s3.get_object(Bucket=BUCKET, Key="experiments/twonode/search.yaml")["Body"].read())
+    assert record["status"] == "finished" and record["storage"] == storage
+
+    # `fer-tune trials s3://...` reads the table back from the bucket (not from the driver's cache).
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")
+    from fer_tune.cli import main
+
+    capsys.readouterr()
+    main(["trials", f"{storage}/twonode", "--format", "csv"])
+    shown = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out))
+    assert sorted(shown["trial_id"]) == sorted(table["trial_id"])
+    assert shown["best_val_acc"].tolist() == pytest.approx(
+        table.set_index("trial_id").loc[shown["trial_id"], "best_val_acc"].tolist())
+
+    # --resume from the bucket, on a machine without the local cache: the finished trials are kept.
+    shutil.rmtree(tmp_path / "cache")
+    resumed = run_search(None, tiny_data, storage=storage, name="twonode", resume=True, address=address,
+                         progress=False)
+    assert sorted(resumed.table["trial_id"]) == sorted(table["trial_id"])
+    assert set(resumed.table["status"]) == {"completed"}
+    assert resumed.table.set_index("trial_id")["best_val_acc"].to_dict() == pytest.approx(
+        table.set_index("trial_id")["best_val_acc"].to_dict())
+    record = yaml.safe_load(s3.get_object(Bucket=BUCKET, Key="experiments/twonode/search.yaml")["Body"].read())
+    assert record["status"] == "finished" and len(record["resumed"]) == 1
+
+
+def test_unknown_storage_uri_is_one_clear_error(tmp_path):
+    from fer_tune.search import results
+
+    with pytest.raises(UserError, match="nosuch://bucket/x: not a storage URI"):
+        results.find_experiment("nosuch://bucket/x")
