@@ -46,10 +46,16 @@ def test_image_matches_the_pinned_ray_and_python(config):
 
 def test_referenced_files_exist_and_nothing_is_exposed(config):
     for target, source in config["file_mounts"].items():
-        assert (ROOT / source).exists(), f"file_mounts {target}: {source} is not in the project"
+        if source == "~/.ray/auth_token":  # the user's own token, generated before `ray up`
+            assert target == "/home/ray/.ray/auth_token"
+        else:
+            assert (ROOT / source).exists(), f"file_mounts {target}: {source} is not in the project"
         assert any(target in cmd for cmd in config["setup_commands"])
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start  # reached through `ray dashboard`, not the internet
+    for start in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):  # token auth on every node
+        assert "RAY_AUTH_MODE=token ray start" in " ".join(start)
+    assert "~/.ray/auth_token" in config["file_mounts"].values()
     text = GPU_YAML.read_text().lower()
     for secret in ("aws_access_key", "aws_secret", "ray_auth_mode=disabled", "password"):
         assert secret not in text
@@ -61,6 +67,7 @@ def test_kuberay_manifest_has_what_kuberay_requires():
     assert manifest["metadata"]["name"]
     spec = manifest["spec"]
     assert spec["rayVersion"] == pinned("ray")
+    assert spec["authOptions"]["mode"] == "token"
     head = spec["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict) and head["serviceType"] == "ClusterIP"
     assert head["template"]["spec"]["containers"][0]["image"]
@@ -79,3 +86,23 @@ def test_dockerfile_base_matches_the_launcher_image(config):
         if line.startswith("COPY"):
             for source in line.split()[2:-1] if "--chown" in line else line.split()[1:-1]:
                 assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the project"
+
+
+@pytest.mark.parametrize("nodes, gpus_per_trial, gpus, refused", [
+    (1, 0.0, 0.0, None),  # one machine: a local folder is fine
+    (1, 0.5, 1.0, None),
+    (2, 0.0, 0.0, "this Ray cluster has 2 nodes"),
+    (1, 0.25, 0.0, "trials need GPUs that only nodes the autoscaler adds will have"),  # `ray up`: a CPU head alone
+])
+def test_local_storage_is_refused_where_nodes_cannot_share_it(monkeypatch, nodes, gpus_per_trial, gpus, refused):
+    from fer_tune.errors import UserError
+    from fer_tune.search import cluster
+
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: nodes)
+    check = lambda: cluster.check_local_storage("/x/results", {"CPU": 8.0, "GPU": gpus}, gpus_per_trial)  # noqa: E731
+    if refused is None:
+        check()
+    else:
+        with pytest.raises(UserError, match=rf"--storage /x/results: a local folder is not shared between nodes "
+                                            rf"\({refused}\).*--storage s3://bucket/prefix.*file:///"):
+            check()

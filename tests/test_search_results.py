@@ -45,6 +45,14 @@ def test_status_best_last_and_error_of_each_trial():
     assert rows["b"]["status"] == "stopped early" and rows["b"]["epochs"] == 1
     assert rows["c"]["status"] == "failed"
     assert rows["c"]["error"] == "TrainingDiverged: training loss became nan in epoch 2 (lr 1e+09)"
+    # Ray's own errors: the exception line and the cause after it, not the metadata lines.
+    died = fake_trial("g", "ERROR", 0, error=RuntimeError(
+        "Traceback (most recent call last):\n  File \"w.py\", line 1\nray.exceptions.ActorDiedError: The actor died "
+        "unexpectedly before finishing this task.\n\tclass_name: ImplicitFunc\n\tnamespace: 1588e23a\n"
+        "The actor never ran - it was cancelled before it started running."))
+    assert rows_for([died], set())[0]["error"] == ("ActorDiedError: The actor died unexpectedly before finishing this "
+                                                   "task. The actor never ran - it was cancelled before it started "
+                                                   "running.")
     assert rows["d"]["status"] == "interrupted"  # terminated, but Tune never completed it (Ctrl-C)
     assert rows["e"]["status"] == "pending" and rows["f"]["status"] == "running"
     assert rows["a"]["wall_s"] == 14.0 and rows["a"]["node_id"] == "n1"
@@ -115,7 +123,7 @@ def test_trials_command_sort_default_latest_and_errors(experiment, capsys, monke
 def test_search_flag_errors_are_one_line(capsys, tmp_path):
     assert main(["search", "--space", "nosuch"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "unknown search space" in err and "cnn, smoke, timm" in err
+    assert err.count("\n") == 0 and "unknown search space" in err and "cnn, cpu, smoke, timm" in err
     assert main(["search", "--space", "smoke", "--executor", "direct", "--workers-per-trial", "2"]) == 2
     assert "needs --executor train" in capsys.readouterr().err
     assert main(["search", "--space", "smoke", "--subset", "1.5"]) == 2
@@ -141,3 +149,58 @@ def test_trials_importance_reads_the_optuna_journal(experiment, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("12 completed trials") and lines[1].split()[0] == "lr"
     assert {line.split()[0] for line in lines[1:]} == {"lr", "optimizer"}
+
+
+def test_checkpoint_cleanup_deletes_only_what_no_resume_can_ask_for(tmp_path):
+    """Tune restores a trial from the checkpoint of its last snapshot (<= 1 s old): a checkpoint
+    goes only once a newer one has existed for the grace period, a finished trial's only after
+    the grace period (or at the end of the search)."""
+    import os
+    import time
+
+    from fer_tune.search.callbacks import CheckpointCleanup
+
+    def trial(tid, n):
+        path = tmp_path / f"trial_{tid}"
+        for i in range(1, n + 1):
+            (path / f"checkpoint_{i:06d}").mkdir(parents=True)
+            (tmp_path / "train_runs" / tid / f"checkpoint_2026-11-22_09-00-0{i}").mkdir(parents=True)
+        return SimpleNamespace(trial_id=tid, path=str(path), status="RUNNING")
+
+    def left(tid):
+        return sorted(p.name for p in (tmp_path / f"trial_{tid}").iterdir()) + \
+            sorted(p.name for p in (tmp_path / "train_runs" / tid).iterdir())
+
+    def age(tid, seconds):
+        old = time.time() - seconds
+        for p in [*(tmp_path / f"trial_{tid}").iterdir(), *(tmp_path / "train_runs" / tid).iterdir()]:
+            os.utime(p, (old, old))
+
+    cleanup = CheckpointCleanup(str(tmp_path / "train_runs"), grace_s=10.0, interval_s=0.0)
+    running, done = trial("a", 3), trial("b", 2)
+    cleanup.on_trial_result(0, [], running, {})
+    assert left("a") == ["checkpoint_000001", "checkpoint_000002", "checkpoint_000003",
+                         "checkpoint_2026-11-22_09-00-01", "checkpoint_2026-11-22_09-00-02",
+                         "checkpoint_2026-11-22_09-00-03"]  # the newest is fresh: a snapshot may name any
+    age("a", 20)
+    cleanup.on_trial_result(0, [], running, {})
+    assert left("a") == ["checkpoint_000003", "checkpoint_2026-11-22_09-00-03"]  # the newest always stays
+
+    cleanup.on_trial_complete(0, [], done)
+    assert len(left("b")) == 4  # just finished: the last snapshot may still have it running
+    cleanup.done["b"] -= 20
+    cleanup.on_trial_result(0, [], running, {})
+    assert left("b") == [] and left("a") == ["checkpoint_000003", "checkpoint_2026-11-22_09-00-03"]
+
+    keeper = CheckpointCleanup(None, keep_finished=True, grace_s=10.0)
+    kept = trial("c", 2)
+    keeper.on_trial_complete(0, [], kept)
+    age("c", 20)
+    keeper.final_sweep()
+    assert left("c") == ["checkpoint_000002", "checkpoint_2026-11-22_09-00-01", "checkpoint_2026-11-22_09-00-02"]
+
+    final = CheckpointCleanup(None, grace_s=10.0)
+    ended = trial("d", 2)
+    final.on_trial_complete(0, [], ended)
+    final.final_sweep()  # after the search's last snapshot: no grace needed
+    assert [n for n in left("d") if n.startswith("checkpoint_0")] == []

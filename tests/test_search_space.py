@@ -24,8 +24,8 @@ def sample(space, n=40, seed=0):
 
 
 def test_shipped_spaces_load_and_sample_valid_configs():
-    assert {"cnn", "timm", "smoke"} <= set(list_spaces())
-    for name in ("smoke", "cnn"):
+    assert {"cnn", "cpu", "timm", "smoke"} <= set(list_spaces())
+    for name in ("smoke", "cnn", "cpu"):
         space = load_space(name)
         for values in sample(space, 15):
             cfg = space.trial_config(values, seed=3)
@@ -36,6 +36,25 @@ def test_shipped_spaces_load_and_sample_valid_configs():
     assert {"model", "optimizer", "dropout", "weight_decay", "aug_strength", "class_weights", "lr", "batch_size",
             "schedule", "label_smoothing"} <= set(cnn.searched())
     assert (cnn.metric, cnn.mode) == ("val_acc", "max")
+
+
+def test_cpu_space_keeps_every_sampled_model_cpu_sized():
+    """search_spaces/cpu.yaml promises architectures of <= 175 MFLOPs per 48x48 image."""
+    from fer_tune.models import create_model
+    from fer_tune.models.registry import forward_flops
+
+    space = load_space("cpu")
+    assert {"model", "optimizer", "dropout", "weight_decay", "aug_strength", "class_weights"} <= set(space.searched())
+    seen = set()
+    for values in sample(space, 25):
+        cfg = space.trial_config(values, seed=0)
+        key = (cfg.model, tuple(sorted(cfg.model_kwargs.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        model = create_model(cfg.model, dropout=cfg.dropout, **cfg.model_kwargs)
+        assert forward_flops(model, 1, 48) <= 175e6, key
+    assert {m for m, _ in seen} == {"vgg_fer_s", "cnn4_l2", "improved_cnn", "simple_cnn"}
 
 
 def test_every_distribution_kind_samples_inside_its_bounds():
@@ -121,7 +140,7 @@ def test_invalid_spaces_name_the_problem_and_what_is_valid(raw, message):
 
 
 def test_unknown_space_name_lists_the_available_ones(tmp_path):
-    with pytest.raises(UserError, match=r"unknown search space \(did you mean 'smoke'\?\); available: cnn, smoke, timm"):
+    with pytest.raises(UserError, match=r"unknown search space \(did you mean 'smoke'\?\); available: cnn, cpu, smoke, timm"):
         load_space("smok")
     with pytest.raises(UserError, match="file not found"):
         load_space(str(tmp_path / "nope.yaml"))

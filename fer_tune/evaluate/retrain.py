@@ -158,8 +158,9 @@ def train_runs(specs: list[RunSpec], data: TrainData, runs_dir: Path, *, address
         return _train_on_ray(specs, data, runs_dir, address, cpus_per_run, gpus_per_run, log)
     results = []
     for i, spec in enumerate(specs, start=1):
-        log(f"[{i}/{len(specs)}] {spec.name}: {spec.config.model}, {spec.config.epochs} epochs"
-            + (f" (time budget {spec.config.time_budget:.0f} s)" if spec.config.time_budget else ""))
+        log(f"[{i}/{len(specs)}] {spec.name}: {spec.config.model}, "
+            + (f"as many epochs as fit in {spec.config.time_budget:.0f} s" if spec.config.time_budget else
+               f"{spec.config.epochs} epochs"))
         results.append(run_one(spec, data, runs_dir / spec.name, device=device, progress=progress))
     return results
 

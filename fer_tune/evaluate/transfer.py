@@ -85,7 +85,7 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
     n_epochs = epochs or max(1, round(base.epochs / 2))
     seed = base.seed if seed is None else seed
     log(f"transfer {src.name} -> {tgt.name} from {ckpt_path}: strategies {', '.join(strategies)}, "
-        f"{n_epochs} epochs each" + (f" (time budget {time_budget:.0f} s)" if time_budget else ""))
+        + (f"as many epochs as fit in {time_budget:.0f} s each" if time_budget else f"{n_epochs} epochs each"))
 
     with atomic_dir(exp.path, "transfer") as out:
         tgt_data = TrainData.from_prepared(tgt)

@@ -147,40 +147,98 @@ class TensorBoardCallback(Callback):
 
 
 class CheckpointCleanup(Callback):
-    """Deletes a trial's checkpoints once Tune has completed (or ASHA stopped) it: they only serve
-    to continue an unfinished trial, and a search of larger models would keep gigabytes of them.
-    A stopped Train trial's worker may still persist one more checkpoint before it dies, so every
-    finished trial is swept again at the next completion and at the end. Local storage only;
-    failed trials keep theirs (for --resume --retry-failed)."""
+    """Deletes the checkpoints nothing can need any more, late enough that a resumed search never
+    asks for one.
 
-    def __init__(self, train_runs: str | None):
+    Tune restores a trial from the checkpoint named in its last experiment snapshot (taken at most
+    every TUNE_GLOBAL_CHECKPOINT_S = 1 s) and fails the trial when that folder is gone ("Could not
+    recover from checkpoint as it does not exist on storage anymore"). Deleting at once, as
+    Ray's `num_to_keep` does when a newer checkpoint arrives and as deleting a finished trial's
+    checkpoints would, races that snapshot: a driver killed in between resumes into failed trials.
+    So Tune and Train keep every checkpoint (num_to_keep=None), and this callback deletes
+    - a trial's older checkpoints once its newest has existed for `grace_s` (many snapshots later),
+    - all checkpoints of a trial Tune completed or ASHA stopped, `grace_s` after it finished, and at
+      the end of the search (a search of larger models would otherwise keep gigabytes of them),
+      unless `keep_finished`.
+    Failed and interrupted trials keep their newest (for --resume). Local storage only: with a URI
+    storage Ray keeps the newest two per trial."""
+
+    def __init__(self, train_runs: str | None, *, keep_finished: bool = False, grace_s: float = 10.0,
+                 interval_s: float = 2.0):
         self.train_runs = train_runs  # the train executor's Ray Train runs, one folder per trial id
-        self.done: dict[str, str] = {}  # trial id -> Tune trial folder
+        self.keep_finished = keep_finished
+        self.grace_s, self.interval_s = grace_s, interval_s
+        self.folders: dict[str, list[Path]] = {}  # trial id -> folders that hold its checkpoints
+        self.done: dict[str, float] = {}  # trial id -> when Tune completed or stopped it
+        self.active: set[str] = set()  # trials that started or reported in this run
+        self._last = 0.0
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.active.add(trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.active.add(trial.trial_id)
+        self._track(trial)
+        if time.time() - self._last > self.interval_s:
+            self._sweep()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done[trial.trial_id] = trial.path or ""
+        self._track(trial)
+        self.done[trial.trial_id] = time.time()
         self._sweep()
 
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._track(trial)
+
     def on_experiment_end(self, trials, **info):
+        from ray.tune.experiment import Trial
+
+        for trial in trials:
+            self._track(trial)
+            # Finished before a resume (restored as terminated, never run again): long done.
+            if trial.status == Trial.TERMINATED and trial.trial_id not in self.active:
+                self.done.setdefault(trial.trial_id, 0.0)
         self._sweep()
 
     def final_sweep(self, wait_s: float = 0.0) -> None:
-        """After the search: stopped Train workers die within a second or two of their trial."""
-        if self.done:
-            time.sleep(wait_s)
-            self._sweep()
+        """After the search (its last snapshot is written): a stopped Train worker may persist one
+        more checkpoint within a second or two of its trial, so wait, then sweep without grace."""
+        time.sleep(wait_s)
+        self._sweep(now=float("inf"))
 
-    def _sweep(self) -> None:
+    def _track(self, trial) -> None:
+        if trial.trial_id not in self.folders:
+            folders = [Path(trial.path)] if getattr(trial, "path", None) else []
+            if self.train_runs:
+                folders.append(Path(self.train_runs) / trial.trial_id)
+            self.folders[trial.trial_id] = folders
+
+    def _sweep(self, now: float | None = None) -> None:
         import shutil
 
-        for trial_id, path in self.done.items():
-            folders = [Path(path)] if path else []
-            if self.train_runs:
-                folders.append(Path(self.train_runs) / trial_id)
+        now = time.time() if now is None else now
+        self._last = time.time()
+        for trial_id, folders in self.folders.items():
+            finished = trial_id in self.done and now - self.done[trial_id] > self.grace_s
             for folder in folders:
-                for ckpt in folder.glob("checkpoint_*"):
-                    if ckpt.is_dir():
-                        shutil.rmtree(ckpt, ignore_errors=True)
+                ckpts = sorted(p for p in folder.glob("checkpoint_*") if p.is_dir())
+                if not ckpts:
+                    continue
+                if finished and not self.keep_finished:
+                    doomed = ckpts
+                elif now - _mtime(ckpts[-1]) > self.grace_s:
+                    doomed = ckpts[:-1]
+                else:
+                    continue
+                for ckpt in doomed:
+                    shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def write_hparams(writer, config: dict, trial, metric: str) -> None:

@@ -68,6 +68,10 @@ def trial_row(trial, *, max_epochs: int, finished: set[str], extra: dict | None 
     return row
 
 
+# "ray.exceptions.ActorDiedError: msg", "ValueError: msg", "RayTaskError(UserError): msg"
+EXCEPTION_LINE = re.compile(r"^(?:\w+\.)*(\w*(?:Error|Exception|Exit|Interrupt|Diverged)(?:\(\w+\))?): (.*)$")
+
+
 def error_text(trial) -> str:
     """The failed trial's error on one line: the last 'Type: message' line of Ray's error file."""
     text = ""
@@ -85,6 +89,13 @@ def error_text(trial) -> str:
         for line in reversed(lines):
             if marker in line:
                 return line[line.index(marker) + (len(marker) if marker == "TrialFailed: " else 0):][:500]
+    for i in range(len(lines) - 1, -1, -1):
+        match = EXCEPTION_LINE.match(lines[i])
+        if match:
+            text = f"{match.group(1)}: {match.group(2)}"
+            # Ray's actor errors give the cause on the lines after ("The actor is dead because ...").
+            cause = [ln for ln in lines[i + 1:] if ln.startswith("The actor")]
+            return " ".join([text, *cause])[:500]
     for line in reversed(lines):
         if ": " in line and not line.startswith(("File ", "^", "During handling")):
             head, rest = line.split(": ", 1)

@@ -44,6 +44,9 @@ class TrialSetup:
     train_storage: str = ""  # where Ray Train keeps the trials' checkpoints (train executor)
     report_interval_s: float = 0.5  # Train controller polling interval (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
+    # Ray's own deletion of older checkpoints: None (keep all) with local storage, where
+    # CheckpointCleanup deletes them once no resume can ask for them; 2 with a URI storage.
+    num_to_keep: int | None = None
     device: str | None = None
     # On --resume: trials our table saw finish that Tune's last snapshot (<= 1 s older) still had
     # as running. trial id -> {"metrics": last reported metrics} or {"error": text}; such a trial
@@ -184,7 +187,7 @@ def train_trial(params: dict, setup: TrialSetup, data_ref: list) -> None:
             name=trial_id,  # the same name on a restart: Train restores the trial's latest checkpoint
             storage_path=setup.train_storage,
             callbacks=[TuneReportCallback()],
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=setup.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=0),  # retries happen at the Tune level
         ),
     )

@@ -169,6 +169,7 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
                            workers=workers_per_trial, cpus_per_worker=cpus_per_trial, gpus_per_worker=gpus_per_trial,
                            train_storage=f"{storage.rstrip('/')}/{name}/train_runs", report_interval_s=report_interval_s,
                            checkpoint_every=checkpoint_every,
+                           num_to_keep=None if local_dir is not None else 2,
                            finished=results.finished_trials(work_dir) if resume else {})
         record = _record(space, dataset_info, name, storage, dict(
             trials=trials, executor=executor, workers_per_trial=workers_per_trial, cpus_per_trial=cpus_per_trial,
@@ -240,8 +241,9 @@ def _tuner(trainable, space: SearchSpace, setup: TrialSetup, *, name, storage, t
 
     callbacks = [tables, TensorBoardCallback(space.metric, space.searched()), CSVLoggerCallback(), JsonLoggerCallback()]
     local = experiment_folder(storage, name)
-    if local is not None and not keep_checkpoints:
-        callbacks.append(CheckpointCleanup(str(local / "train_runs") if setup.executor == "train" else None))
+    if local is not None:  # keeps every checkpoint until it is safe to delete (see CheckpointCleanup)
+        callbacks.append(CheckpointCleanup(str(local / "train_runs") if setup.executor == "train" else None,
+                                           keep_finished=keep_checkpoints))
     reporter = _progress_reporter(space) if progress else None
     failure_config = tune.FailureConfig(max_failures=max_failures)
     if resume:
@@ -270,7 +272,7 @@ def _tuner(trainable, space: SearchSpace, setup: TrialSetup, *, name, storage, t
                                   reduction_factor=space.reduction_factor)
     run_config = tune.RunConfig(
         name=name, storage_path=storage, callbacks=callbacks, progress_reporter=reporter, verbose=1 if progress else 0,
-        failure_config=failure_config, checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+        failure_config=failure_config, checkpoint_config=tune.CheckpointConfig(num_to_keep=setup.num_to_keep))
     tune_config = tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=trials, search_alg=searcher,
                                   scheduler=scheduler, max_concurrent_trials=concurrency,
                                   # direct trials run in the trial actor: reusing it saves a process start
