@@ -138,6 +138,14 @@ def test_two_node_search_with_s3_storage_then_trials_and_resume(two_nodes, s3, t
     assert shown["best_val_acc"].tolist() == pytest.approx(
         table.set_index("trial_id").loc[shown["trial_id"], "best_val_acc"].tolist())
 
+    # retrain/transfer read the experiment from the bucket too: its best config, ready to train.
+    from fer_tune.evaluate.experiment import read_experiment
+
+    exp = read_experiment(f"{storage}/twonode")
+    (best,) = exp.ranked(1)
+    assert best.trial_id == summary.best["trial_id"] and best.config.lr == pytest.approx(summary.best["lr"])
+    assert exp.final_dir == tmp_path / "cache" / "experiments" / "twonode" / "final"
+
     # --resume from the bucket, on a machine without the local cache: the finished trials are kept.
     shutil.rmtree(tmp_path / "cache")
     resumed = run_search(None, tiny_data, storage=storage, name="twonode", resume=True, address=address,
