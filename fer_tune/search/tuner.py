@@ -348,6 +348,23 @@ class JournalOptunaSearch(_searcher_class()):
             super().__init__(*args, storage=journal_storage(journal), **kwargs)
         self._journal = journal
 
+    def on_trial_result(self, trial_id: str, result: dict):
+        # A trial that finished just before the driver was killed is still running in Tune's last
+        # snapshot: on --resume it replays its end, but Optuna was already told (reporting to a
+        # finished Optuna trial raises UpdateFinishedTrialError and would end the search).
+        if not self._told(trial_id):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if not self._told(trial_id):
+            super().on_trial_complete(trial_id, result, error)
+
+    def _told(self, trial_id: str) -> bool:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return False
+        return self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+
     def restore(self, checkpoint_path: str):
         super().restore(checkpoint_path)
         import optuna
