@@ -4,3 +4,9 @@
 class UserError(Exception):
     """A problem with the user's input (a path, a flag, a file). The message is the whole story:
     it names the file or flag, what is wrong, and what to do."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message on one line (its first), or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -4,8 +4,9 @@ the multi-node path of `fer-tune search --address ... --storage s3://...`, then 
 and `--resume` reading the experiment back from the bucket.
 """
 
+import io
 import socket
-import sys
+import shutil
 
 import pandas as pd
 import pytest
@@ -73,8 +74,6 @@ def two_nodes(s3):
                                                                  "dashboard_port": free_port()})
     ray_cluster.add_node(num_cpus=1)
     ray_cluster.wait_for_nodes()
-    import ray
-
     ray.init(address=ray_cluster.address)  # the searches join this driver connection (and leave it up)
     yield ray_cluster
     ray.shutdown()
@@ -126,14 +125,12 @@ def test_two_node_search_with_s3_storage_then_trials_and_resume(two_nodes, s3, t
     assert record["status"] == "finished" and record["storage"] == storage
 
     # `fer-tune trials s3://...` reads the table back from the bucket (not from the driver's cache).
-    import shutil
-
     shutil.rmtree(tmp_path / "cache")
     from fer_tune.cli import main
 
     capsys.readouterr()
     main(["trials", f"{storage}/twonode", "--format", "csv"])
-    shown = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out))
+    shown = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert sorted(shown["trial_id"]) == sorted(table["trial_id"])
     assert shown["best_val_acc"].tolist() == pytest.approx(
         table.set_index("trial_id").loc[shown["trial_id"], "best_val_acc"].tolist())

@@ -145,17 +145,11 @@ def importances(exp: Path) -> str:
 
 
 def cmd_board(args) -> None:
-    from fer_tune.search import results
+    from fer_tune.search import results, storage
 
-    from fer_tune.search import storage
-
-    if storage.is_uri(args.experiment or "") or storage.is_uri(args.storage):
-        # TensorBoard reads s3:// itself (through boto3, pip install boto3); the event files stay there.
-        if not args.experiment:
-            raise UserError(f"--storage {args.storage}: name the experiment (fer-tune board NAME --storage ...)")
-        exp = args.experiment if storage.is_uri(args.experiment) else f"{args.storage.rstrip('/')}/{args.experiment}"
-    else:
-        exp = results.find_experiment(args.experiment, args.storage)
+    # TensorBoard reads s3:// itself (through boto3, pip install boto3); the event files stay there.
+    exp = storage.remote_experiment(args.experiment, args.storage) or \
+        results.find_experiment(args.experiment, args.storage)
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(exp), "--port", str(args.port)]
     shown = f"tensorboard --logdir {exp} --port {args.port}"
     if args.print_only or not _tensorboard_available():

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from fer_tune.errors import UserError
+from fer_tune.errors import UserError, first_line
 
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
@@ -41,7 +41,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"--address {address}: cannot connect to Ray ({_first_line(exc)}); start a cluster "
+            raise UserError(f"--address {address}: cannot connect to Ray ({first_line(exc)}); start a cluster "
                             f"with `ray start --head` or `ray up cluster/gpu.yaml`, and with token authentication "
                             f"export RAY_AUTH_MODE=token") from None
         return True
@@ -156,8 +156,3 @@ def env(**values: str):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

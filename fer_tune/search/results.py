@@ -204,12 +204,9 @@ def find_experiment(target: str | None, storage: str | Path = "results") -> Path
     fetched into the local cache first (its tables, record and Optuna journal)."""
     from fer_tune.search import storage as storage_mod
 
-    if target and storage_mod.is_uri(target):
-        return storage_mod.fetch(target)
-    if storage_mod.is_uri(storage):
-        if not target:
-            raise UserError(f"--storage {storage}: name the experiment (fer-tune trials NAME --storage {storage})")
-        return storage_mod.fetch(f"{str(storage).rstrip('/')}/{target}")
+    uri = storage_mod.remote_experiment(target, storage)
+    if uri:
+        return storage_mod.fetch(uri)
     root = Path(str(storage).removeprefix("file://"))
     if target:
         for candidate in (Path(target), root / target):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fer_tune.errors import UserError
+from fer_tune.errors import UserError, first_line
 
 # The files of an experiment that are not per trial (what `fetch` copies back).
 EXPERIMENT_FILES = ("search.yaml", "trials.csv", "trials.parquet", "best.json", "optuna.journal")
@@ -36,7 +36,19 @@ def experiment_folder(storage: str, name: str) -> Path | None:
     """The local experiment folder, or None for a URI storage."""
     if is_uri(storage):
         return None
-    return Path(str(storage).removeprefix("file://")).expanduser().resolve() / name
+    return Path(normalize(storage)) / name
+
+
+def remote_experiment(target: str | None, storage: str | Path) -> str | None:
+    """The URI of an experiment in cloud storage (a URI itself, or a name under a URI --storage),
+    None for a local one."""
+    if target and is_uri(target):
+        return target.rstrip("/")
+    if is_uri(storage):
+        if not target:
+            raise UserError(f"--storage {storage}: name the experiment (NAME --storage {storage})")
+        return f"{str(storage).rstrip('/')}/{target}"
+    return None
 
 
 def local_cache(name: str) -> Path:
@@ -64,7 +76,7 @@ def fetch(uri: str, dest: Path | None = None) -> Path:
     try:
         infos = fs.get_file_info([f"{path}/{item}" for item in EXPERIMENT_FILES])
     except OSError as exc:
-        raise UserError(f"{uri}: cannot read it ({_first_line(exc)}); check the URI and your cloud credentials") \
+        raise UserError(f"{uri}: cannot read it ({first_line(exc)}); check the URI and your cloud credentials") \
             from None
     found = {Path(i.path).name: i for i in infos if i.type == pyarrow.fs.FileType.File}
     if "search.yaml" not in found and "trials.csv" not in found:
@@ -87,10 +99,5 @@ def _filesystem(uri: str):
     try:
         return pyarrow.fs.FileSystem.from_uri(uri)
     except (OSError, ValueError) as exc:
-        raise UserError(f"--storage {uri}: not a storage URI pyarrow can open ({_first_line(exc)}); use "
+        raise UserError(f"--storage {uri}: not a storage URI pyarrow can open ({first_line(exc)}); use "
                         "s3://bucket/prefix, gs://bucket/prefix or a local folder") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

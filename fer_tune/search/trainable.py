@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fer_tune.errors import first_line
 from fer_tune.train.report import Reporter
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -220,14 +221,9 @@ def worker_error(exc: BaseException) -> str:
     if failures:
         inner = next(iter(failures.values()))
         cause = getattr(inner, "cause", None) or inner
-        return f"{type(cause).__name__}: {_first_line(cause)}"
+        return f"{type(cause).__name__}: {first_line(cause)}"
     cause = exc.__cause__ or exc
-    return f"{type(cause).__name__}: {_first_line(cause)}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return f"{type(cause).__name__}: {first_line(cause)}"
 
 
 def _node_id() -> str:
