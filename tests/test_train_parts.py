@@ -43,6 +43,17 @@ def test_config_yaml_round_trip(tmp_path):
     assert TrainConfig.from_yaml(path, {"lr": 1e-2}).lr == 1e-2
 
 
+def test_config_takes_flat_model_kwargs_keys_as_a_search_trial_spells_them(tmp_path):
+    """`--set model_kwargs.width=0.375` (a trial's column) updates model_kwargs, keeping the rest."""
+    path = tmp_path / "c.yaml"
+    path.write_text(TrainConfig(model="vgg_fer_s", model_kwargs={"width": 0.25, "fc": 512}).to_yaml())
+    cfg = TrainConfig.from_yaml(path, {"model_kwargs.width": 0.375})
+    assert cfg.model_kwargs == {"width": 0.375, "fc": 512}
+    assert TrainConfig.from_dict({"model_kwargs.fc": 256}).model_kwargs == {"fc": 256}
+    with pytest.raises(UserError, match="model_kwargs must be a mapping"):
+        TrainConfig.from_dict({"model_kwargs": 3, "model_kwargs.fc": 256})
+
+
 def test_config_file_errors_name_the_file(tmp_path):
     with pytest.raises(UserError, match="nope.yaml: config file not found"):
         TrainConfig.from_yaml(tmp_path / "nope.yaml")

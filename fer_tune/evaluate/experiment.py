@@ -18,9 +18,8 @@ import yaml
 
 from fer_tune.errors import UserError
 from fer_tune.search.results import plain_value
-from fer_tune.train.config import TrainConfig
+from fer_tune.train.config import TrainConfig, fold_model_kwargs
 
-MODEL_KW = "model_kwargs."
 # Columns of the trial table that are not hyperparameters.
 NOT_PARAMS = {"trial_id", "status", "epochs", "wall_s", "startup_s", "failures", "node_id", "error", "trial_dir"}
 RANKABLE = ("completed", "stopped early", "interrupted", "running")  # a trial with a best metric
@@ -133,8 +132,7 @@ def _config_of(exp: Experiment, row: dict) -> TrainConfig:
         values.update({k: v for k, v in params.items() if k in parsed.params})
         return parsed.trial_config(values, epochs=exp.max_epochs, seed=exp.seed)
     # No space: the table's columns are TrainConfig keys (model_kwargs.X folded in).
-    flat = {k: v for k, v in params.items() if not k.startswith(MODEL_KW)}
-    flat["model_kwargs"] = {k[len(MODEL_KW):]: v for k, v in params.items() if k.startswith(MODEL_KW)}
+    flat = fold_model_kwargs({"model_kwargs": {}, **params})
     known = set(TrainConfig.__dataclass_fields__)
     unknown = sorted(set(flat) - known)
     if unknown:

@@ -23,6 +23,8 @@ FREEZE = ("none", "lower", "backbone")
 METRICS = ("val_acc", "val_macro_f1", "val_loss")
 
 
+MODEL_KW = "model_kwargs."  # flat spelling of one model argument: model_kwargs.width
+
 @dataclass
 class TrainConfig:
     # model
@@ -94,6 +96,7 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
         """Build from a mapping; unknown keys are an error that lists the valid ones."""
         known = {f.name: f for f in dataclasses.fields(cls)}
+        values = fold_model_kwargs(values, source)
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
@@ -152,3 +155,21 @@ def _coerce(key: str, value: Any, kind: type, source: str) -> Any:
     if kind is int and converted != value:
         raise UserError(f"{source}: {key} must be a whole number, got {value!r}")
     return converted
+
+
+
+def fold_model_kwargs(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """`model_kwargs.width: 0.5` (a search-space key, or `--set model_kwargs.width=0.5`) merged
+    into the `model_kwargs` mapping, so a trial's flat parameters work everywhere a config does."""
+    dotted = [k for k in values if k.startswith(MODEL_KW)]
+    if not dotted:
+        return values
+    flat = dict(values)
+    model_kwargs = flat.get("model_kwargs")
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise UserError(f"{source}: model_kwargs must be a mapping, got {model_kwargs!r}")
+    model_kwargs = dict(model_kwargs or {})
+    for key in dotted:
+        model_kwargs[key[len(MODEL_KW):]] = flat.pop(key)
+    flat["model_kwargs"] = model_kwargs
+    return flat
