@@ -34,14 +34,13 @@ from typing import Any
 import yaml
 
 from fer_tune.errors import UserError
-from fer_tune.train.config import CLASS_WEIGHTS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+from fer_tune.train.config import CLASS_WEIGHTS, MODEL_KW, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 from fer_tune.train.report import METRIC_NAMES
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = ("choice", "uniform", "loguniform", "int", "quniform", "value")
 BUDGET_KEYS = ("max_epochs", "grace_period", "reduction_factor")
 META_KEYS = ("description", "metric", "mode", "trials") + BUDGET_KEYS
-MODEL_KW = "model_kwargs."
 # Set by the search itself, never by a space.
 RESERVED = {"epochs": "set by max_epochs (ASHA stops trials early)", "time_budget": "ASHA sizes the budget",
             "subset": "use `fer-tune search --subset`"}
@@ -120,19 +119,25 @@ class SearchSpace:
                 values[param.name] = param.suggest(trial)
         return values
 
+    def startup_points(self, trials: int) -> list[dict[str, Any]]:
+        """The first trials of a search, one per architecture ({"model": name}; the other keys are
+        sampled). Random start-up draws of a 3-way choice can all land on one model, and TPE then
+        never tries the others; this costs nothing when the search has at least two trials per
+        model, and is skipped otherwise."""
+        model = self.params.get("model")
+        if model is None or model.kind != "choice" or model.when or trials < 2 * len(model.args):
+            return []
+        return [{"model": name} for name in model.args]
+
     def searched(self) -> list[str]:
         """Names of the sampled (not fixed) parameters."""
         return [p.name for p in self.params.values() if not p.fixed]
 
     def trial_config(self, values: dict[str, Any], *, epochs: int | None = None, seed: int | None = None,
                      subset: float = 1.0) -> TrainConfig:
-        """The TrainConfig of one trial: `model_kwargs.X` keys go into model_kwargs (empty unless the
-        space sets some: the TrainConfig default belongs to vgg_fer), the metric picks the best epoch."""
+        """The TrainConfig of one trial (`model_kwargs.X` keys go into model_kwargs); the metric
+        picks the best epoch."""
         flat = dict(values)
-        model_kwargs = dict(flat.pop("model_kwargs", None) or {})
-        for key in [k for k in flat if k.startswith(MODEL_KW)]:
-            model_kwargs[key[len(MODEL_KW):]] = flat.pop(key)
-        flat["model_kwargs"] = model_kwargs
         flat["epochs"] = int(epochs or self.max_epochs)
         flat["subset"] = subset
         if seed is not None and "seed" not in values:

@@ -265,7 +265,7 @@ def _tuner(trainable, space: SearchSpace, setup: TrialSetup, *, name, storage, t
         return tuner
     searcher = JournalOptunaSearch(space=space.suggest, metric=space.metric, mode=space.mode,
                                    sampler=make_sampler(seed, trials, sampler), study_name=name,
-                                   journal=str(journal))
+                                   journal=str(journal), points_to_evaluate=space.startup_points(trials))
     scheduler = FIFOScheduler()
     if early_stopping:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
