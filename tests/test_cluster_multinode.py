@@ -160,3 +160,27 @@ def test_unknown_storage_uri_is_one_clear_error(tmp_path):
 
     with pytest.raises(UserError, match="nosuch://bucket/x: not a storage URI"):
         results.find_experiment("nosuch://bucket/x")
+
+
+def test_retrain_runs_as_ray_train_runs_on_two_nodes_with_checkpoints_in_s3(two_nodes, s3, tiny_data, tmp_path):
+    """`fer-tune retrain --address` on a multi-node cluster: a local runs folder is refused; with
+    the experiment in the bucket, every seed is a Ray Train run whose folder comes back."""
+    from fer_tune.evaluate.retrain import RunSpec, train_runs
+
+    cfg = parse_space(SPACE, name="tiny").trial_config({"lr": 3e-3}, epochs=1, seed=0)
+    specs = [RunSpec(name=f"rank1-seed{i}", rank=1, trial_id="t", seed=i, seed_index=i, config=cfg.replace(seed=i))
+             for i in range(2)]
+    quiet = dict(address=two_nodes.address, progress=False, log=lambda *_: None)
+    with pytest.raises(UserError, match=r"--storage .*local folder is not shared between nodes"):
+        train_runs(specs, tiny_data, tmp_path / "local" / "runs", storage=str(tmp_path / "local"), **quiet)
+
+    uri = f"s3://{BUCKET}/experiments/retrained"
+    runs = train_runs(specs, tiny_data, tmp_path / "final" / "runs", cloud=uri, **quiet)
+    assert [r.spec.name for r in runs] == ["rank1-seed0", "rank1-seed1"]
+    for run in runs:
+        assert run.epochs_run == 1 and run.run_dir == tmp_path / "final" / "runs" / run.spec.name
+        assert {"best.pt", "config.yaml", "metrics.csv"} <= {p.name for p in run.run_dir.iterdir()}
+        assert run.config.seed == run.spec.seed
+    assert runs[0].history != runs[1].history  # two seeds, two models
+    assert any(k.startswith("rank1-seed") for k in keys(s3, "experiments/retrained/retrain_runs/"))
+    assert not any(cluster.wait_for_no_leftovers(timeout_s=20).values())

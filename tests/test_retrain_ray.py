@@ -1,4 +1,4 @@
-"""`fer-tune retrain --address`: the seeds as Ray tasks give the same models as sequential runs."""
+"""`fer-tune retrain --address`: the seeds as Ray Train runs give the same models as sequential runs."""
 
 import importlib
 
@@ -12,7 +12,7 @@ retrain_mod = importlib.import_module("fer_tune.evaluate.retrain")
 pytestmark = pytest.mark.slow
 
 
-def test_seeds_as_ray_tasks_match_local_runs(tmp_path):
+def test_seeds_as_ray_train_runs_match_local_runs(tmp_path):
     import ray
 
     ds = prepare_toy_fer(tmp_path)
@@ -22,9 +22,13 @@ def test_seeds_as_ray_tasks_match_local_runs(tmp_path):
         # address "auto" joins the running instance (retrain leaves a Ray it did not start running).
         m = retrain(exp, data_root=tmp_path / "data", seeds=2, epochs=1, address="auto", **QUIET)
         assert ray.is_initialized()
+        # Each run was a Ray Train run: one worker-group placement group per run, all removed.
+        groups = ray.util.placement_group_table().values()
+        assert len(groups) == 2 and all(g["state"] == "REMOVED" for g in groups)
     finally:
         ray.shutdown()
     final = exp / "final"
+    assert not list(exp.glob(".tmp-final-*")) and not (final / ".ray_train").exists()
     assert [x["name"] for x in m["models"]] == ["rank1-seed0", "rank1-seed1"]
     for name in ("rank1-seed0", "rank1-seed1"):
         assert (final / "runs" / name / "best.pt").is_file()

@@ -39,7 +39,7 @@ def add_commands(sub, data_root_flag) -> None:
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
     p.add_argument("--subset", type=float, default=1.0, help="stratified fraction of train (quick checks only)")
     p.add_argument("--dataset", help="prepared dataset to retrain on (default: the search's, sha256-checked)")
-    p.add_argument("--address", help="run every seed as a Ray task: auto, ray://host:10001, or local "
+    p.add_argument("--address", help="run every seed as a Ray Train run: auto, ray://host:10001, or local "
                                      "(a local Ray instance); default: sequentially in this process")
     p.add_argument("--cpus-per-run", type=float, default=1.0, help="with --address: CPUs per run (default 1)")
     p.add_argument("--gpus-per-run", type=float, default=0.0, help="with --address: GPUs per run (default 0)")

@@ -22,9 +22,9 @@ learning-rate schedules (cosine, one-cycle) are stretched to whatever epoch coun
 the FER-2013 results we compare with train 50-300 epochs. Twice the search's longest budget is a
 middle ground a laptop can still afford; `--epoch-factor` or `--epochs` change it.
 
-With `address` the runs are Ray tasks (one per config x seed, each `cpus_per_run` CPUs and
-`gpus_per_run` GPUs, as many at once as the cluster holds); their run folders come back to the
-driver, which writes final/ as in the local case.
+With `address` each run (config x seed) is a Ray Train run (a one-worker `TorchTrainer`, with
+`cpus_per_run` CPUs and `gpus_per_run` GPUs), as many at once as the cluster holds; each run's
+folder comes back as its Train checkpoint, and the driver writes final/ as in the local case.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from fer_tune.errors import UserError
+from fer_tune.errors import UserError, first_line
 from fer_tune.evaluate import report as rep
 from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, split_scores
 from fer_tune.evaluate.experiment import Experiment, RankedConfig, read_experiment
+from fer_tune.search.storage import remote_experiment
 from fer_tune.train.checkpoint import load_checkpoint
 from fer_tune.train.config import TrainConfig
 from fer_tune.train.loop import TrainData, fit
@@ -108,7 +110,9 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
 
     with atomic_dir(exp.path, "final") as out:
         runs = train_runs(specs, data, out / "runs", address=address, cpus_per_run=cpus_per_run,
-                          gpus_per_run=gpus_per_run, device=device, progress=progress, log=log)
+                          gpus_per_run=gpus_per_run, storage=str(storage),
+                          cloud=remote_experiment(experiment and str(experiment), storage), device=device,
+                          progress=progress, log=log)
         # The test split: read once, after every model is final; each model predicts it once.
         test = EvalData.from_prepared(ds, "test")
         # With --tta the same pass also scores each model without it, so both figures come from one
@@ -150,12 +154,14 @@ def plan_runs(ranked: list[RankedConfig], seeds: int, epochs: int, time_budget: 
 # -- training the runs -----------------------------------------------------------------------------
 
 def train_runs(specs: list[RunSpec], data: TrainData, runs_dir: Path, *, address: str | None = None,
-               cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, device: str | None = None,
-               progress: bool = True, log=print) -> list[RunResult]:
-    """Train every run: sequentially in this process, or as Ray tasks with `address`."""
+               cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, storage: str = "results",
+               cloud: str | None = None, device: str | None = None, progress: bool = True,
+               log=print) -> list[RunResult]:
+    """Train every run: sequentially in this process, or as Ray Train runs with `address`."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     if address:
-        return _train_on_ray(specs, data, runs_dir, address, cpus_per_run, gpus_per_run, log)
+        return _train_on_ray(specs, data, runs_dir, address, cpus_per_run, gpus_per_run, str(storage),
+                             cloud, log)
     results = []
     for i, spec in enumerate(specs, start=1):
         log(f"[{i}/{len(specs)}] {spec.name}: {spec.config.model}, "
@@ -176,35 +182,98 @@ def run_one(spec: RunSpec, data: TrainData, run_dir: Path, *, device: str | None
                      epochs_run=result.epochs_run, stop_reason=result.stop_reason, seconds=time.time() - t0)
 
 
-def _remote_run(spec: RunSpec, data_ref: list, threads: int, device: str | None) -> dict:
-    """Body of a Ray task: train into a temp folder, return its files and the result."""
+RUN_RECORD = "run.json"  # what a Ray Train run sends back beside its run folder
+
+
+def _train_worker(config: dict) -> None:
+    """Ray Train worker of one retrain run: `run_one` into a temp folder, which goes back to the
+    driver as the run's checkpoint (Train uploads it to the run's storage)."""
+    import json
+
     import ray
+    import ray.train
+    import ray.train.torch
     import torch
 
-    torch.set_num_threads(max(1, threads))
-    data = ray.get(data_ref[0])
+    spec: RunSpec = config["spec"]
+    torch.set_num_threads(max(1, config["threads"]))
+    device = str(ray.train.torch.get_device()) if config["use_gpu"] else "cpu"
+    data = ray.get(config["data"][0])
     with tempfile.TemporaryDirectory(prefix="fer-tune-retrain-") as tmp:
         run = run_one(spec, data, Path(tmp) / spec.name, device=device)
-        files = {p.relative_to(run.run_dir).as_posix(): p.read_bytes() for p in run.run_dir.rglob("*") if p.is_file()}
-    run.run_dir = Path(spec.name)
+        record = {"history": run.history, "best": run.best, "epochs_run": run.epochs_run,
+                  "stop_reason": run.stop_reason, "seconds": run.seconds}
+        (run.run_dir / RUN_RECORD).write_text(json.dumps(record))
+        ray.train.report({"epochs_run": run.epochs_run}, checkpoint=ray.train.Checkpoint.from_directory(run.run_dir))
+
+
+def _train_run(spec: RunSpec, data_ref: list, storage: str, cpus: float, gpus: float) -> dict:
+    """Body of the Ray task that drives one retrain run: a one-worker `TorchTrainer` (Ray Train
+    V2), whose checkpoint (the run folder) comes back as file contents."""
+    import json
+    import uuid
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from fer_tune.search.trainable import worker_cause, worker_error
+
+    resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"spec": spec, "data": data_ref, "threads": int(cpus), "use_gpu": gpus > 0},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=gpus > 0, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=f"{spec.name}-{uuid.uuid4().hex[:8]}", storage_path=storage,
+                                       failure_config=ray.train.FailureConfig(max_failures=0)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # TrainingFailedError: the worker's own error, readable
+        if isinstance(worker_cause(exc), UserError):
+            raise worker_cause(exc) from None
+        raise RuntimeError(worker_error(exc)) from None
+    with result.checkpoint.as_directory() as folder:
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+    record = json.loads(files.pop(RUN_RECORD))
+    config = TrainConfig.from_dict(yaml.safe_load(files["config.yaml"]))
+    run = RunResult(spec=spec, run_dir=Path(spec.name), config=config, **record)
     return {"run": run, "files": files}
 
 
-def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, log) -> list[RunResult]:
+def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, storage, cloud, log) -> list[RunResult]:
+    """Each run a Ray Train run (one worker), driven by a zero-CPU Ray task so that as many run at
+    once as the cluster holds; the runs' folders come back to this process. Train keeps the runs'
+    checkpoints under `<experiment URI>/retrain_runs` for an experiment in cloud storage (`cloud`),
+    else in a local folder deleted at the end (refused on a multi-node cluster: its other nodes
+    cannot reach it)."""
+    import shutil
+
     import ray
 
     from fer_tune.search import cluster
 
     started = cluster.connect(None if address == "local" else address, quiet=True)
+    local_storage = None
     try:
-        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_remote_run)
+        capacity = cluster.cluster_capacity()
+        if cloud:
+            train_storage = f"{cloud}/retrain_runs"
+        else:
+            cluster.check_local_storage(storage, capacity, gpus)
+            local_storage = runs_dir.parent / ".ray_train"
+            train_storage = str(local_storage.resolve())
+        driver = ray.remote(num_cpus=0, max_retries=0)(_train_run)
         data_ref = ray.put(data)
-        device = "cuda" if gpus > 0 else "cpu"
-        pending = {remote.remote(s, [data_ref], int(cpus), device): s for s in specs}
-        log(f"{len(specs)} run(s) submitted to Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
-            f"{ray.cluster_resources().get('GPU', 0):g} GPUs; {cpus:g} CPU, {gpus:g} GPU per run)")
-        results = {}
-        while pending:
+        # Start only what the cluster holds now (at least one: an autoscaler may add the GPUs):
+        # a Train run that waits for its worker group times out and retries without end.
+        at_once = max(1, cluster.max_concurrency(capacity, 1, cpus, gpus))
+        queue, pending, results = list(specs), {}, {}
+        log(f"{len(specs)} run(s) as Ray Train runs ({capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs; "
+            f"{cpus:g} CPU, {gpus:g} GPU per run, {at_once} at a time)")
+        while queue or pending:
+            while queue and len(pending) < at_once:
+                spec = queue.pop(0)
+                pending[driver.remote(spec, [data_ref], train_storage, cpus, gpus)] = spec
             done, _ = ray.wait(list(pending), num_returns=1)
             spec = pending.pop(done[0])
             try:
@@ -215,7 +284,7 @@ def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, log) -> list[RunRe
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                 if isinstance(cause, UserError):
                     raise cause from None
-                raise RuntimeError(f"retrain run {spec.name} failed: {type(cause).__name__}: {cause}") from None
+                raise RuntimeError(f"retrain run {spec.name} failed: {first_line(cause)}") from None
             run: RunResult = payload["run"]
             run.run_dir = runs_dir / spec.name
             for rel, blob in payload["files"].items():
@@ -226,6 +295,8 @@ def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, log) -> list[RunRe
             log(f"done {spec.name}: {run.epochs_run} epochs, best {spec.config.select_metric} {best:.4f}")
         return [results[s.name] for s in specs]
     finally:
+        if local_storage is not None:
+            shutil.rmtree(local_storage, ignore_errors=True)
         cluster.shutdown(started)
 
 

@@ -214,15 +214,19 @@ class TrialFailed(RuntimeError):
     """A trial's training raised; the message is the worker's exception, type first."""
 
 
-def worker_error(exc: BaseException) -> str:
-    """'TrainingDiverged: training loss became nan ...' from a Ray Train error (the first worker's
-    exception), else the exception's own text."""
+def worker_cause(exc: BaseException) -> BaseException:
+    """The first worker's own exception inside a Ray Train error, else the exception's cause."""
     failures = getattr(exc, "worker_failures", None)
     if failures:
         inner = next(iter(failures.values()))
-        cause = getattr(inner, "cause", None) or inner
-        return f"{type(cause).__name__}: {first_line(cause)}"
-    cause = exc.__cause__ or exc
+        return getattr(inner, "cause", None) or inner
+    return exc.__cause__ or exc
+
+
+def worker_error(exc: BaseException) -> str:
+    """'TrainingDiverged: training loss became nan ...' from a Ray Train error (the first worker's
+    exception), else the exception's own text."""
+    cause = worker_cause(exc)
     return f"{type(cause).__name__}: {first_line(cause)}"
 
 
