@@ -160,8 +160,7 @@ def train_runs(specs: list[RunSpec], data: TrainData, runs_dir: Path, *, address
     """Train every run: sequentially in this process, or as Ray Train runs with `address`."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     if address:
-        return _train_on_ray(specs, data, runs_dir, address, cpus_per_run, gpus_per_run, str(storage),
-                             cloud, log)
+        return _train_on_ray(specs, data, runs_dir, address, cpus_per_run, gpus_per_run, storage, cloud, log)
     results = []
     for i, spec in enumerate(specs, start=1):
         log(f"[{i}/{len(specs)}] {spec.name}: {spec.config.model}, "
@@ -229,8 +228,9 @@ def _train_run(spec: RunSpec, data_ref: list, storage: str, cpus: float, gpus: f
     try:
         result = trainer.fit()
     except Exception as exc:  # TrainingFailedError: the worker's own error, readable
-        if isinstance(worker_cause(exc), UserError):
-            raise worker_cause(exc) from None
+        cause = worker_cause(exc)
+        if isinstance(cause, UserError):
+            raise cause from None
         raise RuntimeError(worker_error(exc)) from None
     with result.checkpoint.as_directory() as folder:
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}

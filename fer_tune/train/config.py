@@ -25,6 +25,7 @@ METRICS = ("val_acc", "val_macro_f1", "val_loss")
 
 MODEL_KW = "model_kwargs."  # flat spelling of one model argument: model_kwargs.width
 
+
 @dataclass
 class TrainConfig:
     # model
@@ -155,7 +156,6 @@ def _coerce(key: str, value: Any, kind: type, source: str) -> Any:
     if kind is int and converted != value:
         raise UserError(f"{source}: {key} must be a whole number, got {value!r}")
     return converted
-
 
 
 def fold_model_kwargs(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
