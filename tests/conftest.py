@@ -1,4 +1,6 @@
+import atexit
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,22 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Leave with pytest's exit status before native finalizers run.
+
+    Once the session has finished and its summary is printed, the interpreter's teardown of the
+    native libraries the suite loads (Ray's core worker, gRPC, torch's thread pools) occasionally
+    segfaulted in CI: "245 passed", then exit code 139. The results are final by then, so the
+    process ends through `os._exit` from the first atexit callback to run, with pytest's status.
+    """
+    def leave(status: int = int(exitstatus)) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    atexit.register(leave)  # registered last, so it runs first
 
 
 def toy_arrays(n: int, seed: int, size: int = 48, num_classes: int = 7):
