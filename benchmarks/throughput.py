@@ -1,7 +1,7 @@
 """Training throughput: our loop vs a naive seed-study pipeline vs the bare model step.
 
     python benchmarks/throughput.py [--models improved_cnn mini_resnet vgg_fer timm/resnet18]
-                                    [--repeats 3] [--batches 20] [--aug-strength 0.5]
+                                    [--repeats 3] [--batches 20] [--aug-strength 0.5] [--compile]
 
 For each model, images per second of training under
   (a) our loop: `fer_tune.train.fit` (uint8 split resident in memory, batched on-device
@@ -37,25 +37,26 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH = 128
 
 
-def ours(model: str, train: TrainData, batches: int, strength: float) -> float:
-    """Images/s of the second epoch of `fit` (the first pays one-off kernel set-up)."""
+def ours(model: str, train: TrainData, batches: int, strength: float, compile: bool = False) -> float:
+    """Images/s of the second epoch of `fit` (the first pays one-off kernel set-up and compilation)."""
     cfg = TrainConfig(model=model, model_kwargs={}, epochs=2, batch_size=BATCH, aug_strength=strength,
-                      schedule="constant", lr=1e-3)
+                      schedule="constant", lr=1e-3, compile=compile)
     rep = MemoryReporter()
     fit(cfg, train, rep)
     return rep.history[-1]["images_per_second"]
 
 
-def bare(model: str, batches: int) -> float:
+def bare(model: str, batches: int, compile: bool = False) -> float:
     net = create_model(model).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    forward = torch.compile(net) if compile else net
     precision = resolve_precision("auto", torch.device("cpu"))
     x = torch.randn(BATCH, 1, 48, 48).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 7, (BATCH,))
 
     def step():
         with autocast(torch.device("cpu"), precision):
-            out = net(x)
+            out = forward(x)
         loss = F.cross_entropy(out.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="fer2013")
     p.add_argument("--data-root")
     p.add_argument("--zip", default=str(ROOT.parent / "shared" / "datasets" / "fer2013.zip"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in (a) and (c)")
     args = p.parse_args(argv)
 
     ds = fdata.load(args.dataset, args.data_root)
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
     mean, std = float(x.mean() / 255), float(x.std() / 255)
     precision = resolve_precision("auto", torch.device("cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision of (a)/(c): {precision}, "
-          f"batch {BATCH}, {args.batches} timed batches, {args.repeats} repeats, aug_strength {args.aug_strength}")
+          f"batch {BATCH}, {args.batches} timed batches, {args.repeats} repeats, aug_strength {args.aug_strength}"
+          f"{', torch.compile in (a)/(c)' if args.compile else ''}")
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,9 +142,9 @@ def main(argv=None) -> int:
         for model in args.models:
             runs = {"a": [], "b": [], "c": []}
             for _ in range(args.repeats):
-                runs["a"].append(ours(model, train, args.batches, args.aug_strength))
+                runs["a"].append(ours(model, train, args.batches, args.aug_strength, args.compile))
                 runs["b"].append(naive(model, Path(tmp) / "train", args.batches, args.aug_strength, mean, std))
-                runs["c"].append(bare(model, args.batches))
+                runs["c"].append(bare(model, args.batches, args.compile))
             med = {k: statistics.median(v) for k, v in runs.items()}
             rows.append((model, med["a"], med["b"], med["c"], med["a"] / med["b"], med["a"] / med["c"]))
             print(f"  {model}: a {runs['a']}, b {runs['b']}, c {runs['c']}", file=sys.stderr)
