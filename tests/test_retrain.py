@@ -109,6 +109,33 @@ def test_ranking_reads_configs_from_best_json_and_the_table(toy_fer, tmp_path):
         exp.ranked(4)
 
 
+def test_table_values_come_back_in_the_space_types(toy_fer, tmp_path):
+    """A column several models share is float where a row is empty: vgg_fer_s's `fc: 128` comes
+    back as 128.0, and the model refuses a float width. Ranked configs restore the choice's own value."""
+    from fer_tune.models import create_model
+
+    data_root, ds = toy_fer
+    exp_dir = tmp_path / "typed"
+    exp_dir.mkdir()
+    params = {k: v for k, v in SPACE["params"].items() if k != "model_kwargs.width"}
+    params.update({"model": {"choice": ["mlp", "vgg_fer_s"]},
+                   "model_kwargs.fc": {"choice": [64, 128], "when": {"model": ["vgg_fer_s"]}}})
+    space = {**SPACE, "params": params}
+    (exp_dir / "search.yaml").write_text(yaml.safe_dump({"name": "typed", "space": space, "flags": {"seed": 0},
+                                                         "dataset": {"name": ds.name, "sha256": ds.sha256}}))
+    rows = [{"trial_id": "a", "status": "completed", "epochs": 1, "model": "mlp", "model_kwargs.hidden": "[64]",
+             "model_kwargs.fc": None, "lr": 0.003, "batch_size": 64, "best_val_acc": 0.9},
+            {"trial_id": "b", "status": "completed", "epochs": 1, "model": "vgg_fer_s", "model_kwargs.hidden": None,
+             "model_kwargs.fc": 128, "lr": 0.004, "batch_size": 64, "best_val_acc": 0.8}]
+    pd.DataFrame(rows).to_csv(exp_dir / "trials.csv", index=False)
+    assert pd.read_csv(exp_dir / "trials.csv")["model_kwargs.fc"].tolist()[1] == 128.0  # the float the bug saw
+    ranked = read_experiment(exp_dir).ranked(2)
+    fc = ranked[1].config.model_kwargs["fc"]
+    assert fc == 128 and type(fc) is int
+    assert ranked[0].config.model_kwargs == {"hidden": [64]}
+    create_model(ranked[1].config.model, **ranked[1].config.model_kwargs)  # raised on 128.0 before
+
+
 @pytest.fixture(scope="module")
 def seeded(toy_fer, tmp_path_factory):
     """One retrain with 2 seeds, counting test-split reads and test scoring."""

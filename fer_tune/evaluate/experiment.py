@@ -129,7 +129,7 @@ def _config_of(exp: Experiment, row: dict) -> TrainConfig:
         parsed = parse_space(raw, name=space.get("name", exp.name), source=str(exp.path / "search.yaml"))
         # Fixed values of the space are not columns of every table version: add them first.
         values = {name: p.args for name, p in parsed.params.items() if p.fixed and p.active(params)}
-        values.update({k: v for k, v in params.items() if k in parsed.params})
+        values.update({k: parsed.params[k].from_table(v) for k, v in params.items() if k in parsed.params})
         return parsed.trial_config(values, epochs=exp.max_epochs, seed=exp.seed)
     # No space: the table's columns are TrainConfig keys (model_kwargs.X folded in).
     flat = fold_model_kwargs({"model_kwargs": {}, **params})

@@ -73,6 +73,15 @@ class Param:
             return [self.args]
         return list(self.args[:2])
 
+    def from_table(self, value: Any) -> Any:
+        """A value read back from a trials table, in this parameter's own type: a column holding
+        several models' keys is float wherever a row is empty, so `fc: 512` comes back as 512.0."""
+        if self.kind == "choice":
+            return next((c for c in self.args if c == value and type(c) is not bool), value)
+        if self.kind == "int" and isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
     def suggest(self, trial) -> Any:
         low, high = (self.args[0], self.args[1]) if self.kind not in ("choice", "value") else (None, None)
         if self.kind == "value":
