@@ -181,3 +181,14 @@ def test_startup_points_try_every_architecture_first():
         space.trial_config(values, seed=0)  # a valid training config
         study.tell(trial, 0.5)
     assert models == ["vgg_fer_s", "cnn4_l2", "simple_cnn"]
+
+
+def test_tpe_models_the_best_quarter_as_good_and_starts_with_a_third_at_random():
+    from fer_tune.search.tuner import good_group_size, make_sampler
+
+    assert [good_group_size(n) for n in (1, 4, 5, 16, 40, 400)] == [1, 1, 2, 4, 10, 25]
+    sampler = make_sampler(seed=0, trials=16)
+    assert sampler._gamma(16) == 4  # Optuna's default would model 2 of 16 trials as good
+    assert sampler._n_startup_trials == 5
+    assert make_sampler(seed=0, trials=6)._n_startup_trials == 3
+    assert make_sampler(seed=0, trials=100)._n_startup_trials == 10

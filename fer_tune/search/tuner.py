@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import subprocess
@@ -307,8 +308,13 @@ def trial_dirname(trial) -> str:
 
 def make_sampler(seed: int, trials: int, kind: str = "tpe"):
     """Seeded multivariate TPE; `group` handles the conditional (define-by-run) space and
-    `constant_liar` keeps concurrent trials apart. Random start-up: a quarter of the trials, 3..10.
-    kind="random": plain random search (a baseline)."""
+    `constant_liar` keeps concurrent trials apart. kind="random": plain random search (a baseline).
+
+    Tuned for searches of tens of trials, not Optuna's hundreds: a third of the trials (3..10) start
+    at random, and the best quarter of the finished trials is TPE's "good" group (`good_group_size`)
+    instead of Optuna's best tenth. With the default tenth, a 16-trial search modelled "good" on one
+    or two trials and every real-data run here spent most of its trials next to its best start-up
+    trial (README, search efficiency)."""
     import warnings
 
     import optuna
@@ -319,7 +325,14 @@ def make_sampler(seed: int, trials: int, kind: str = "tpe"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
-                                          n_startup_trials=min(10, max(3, trials // 4)))
+                                          n_startup_trials=min(10, max(3, trials // 3)),
+                                          gamma=good_group_size)
+
+
+def good_group_size(finished: int) -> int:
+    """How many of the `finished` trials TPE models as good: the best quarter (at most 25), the
+    quantile of the original TPE paper (Bergstra et al. 2011), where Optuna's default takes a tenth."""
+    return min(math.ceil(0.25 * finished), 25)
 
 
 def journal_storage(path: str | Path):
