@@ -8,8 +8,11 @@ For each model, images per second of training under
       augmentation, channels_last, autocast bf16 where the CPU has it);
   (b) a naive pipeline like the seed studies': torchvision ImageFolder over the extracted JPEG files,
       PIL transforms of equal strength, DataLoader with 2 workers, fp32, contiguous;
-  (c) the bare model step on one pre-made input batch (same precision and layout as (a)): the limit.
-The three run interleaved in every repeat; the table shows medians and the ratios a/b and a/c.
+  (c) the bare model step on one pre-made input batch (same precision and layout as (a)): the limit;
+  (d) the same bare step in fp32 with contiguous tensors, as (b) runs the model.
+All run interleaved in every repeat; the table shows medians and the ratios a/b and a/c, and splits
+a/b = a/c x c/d x d/b: our loop's overhead, what bf16 + channels_last give this model on this CPU,
+and what the naive pipeline's data loading costs.
 Needs FER-2013 prepared (`fer-tune data prepare fer2013 ...`) and the original zip for (b).
 """
 
@@ -46,12 +49,14 @@ def ours(model: str, train: TrainData, batches: int, strength: float, compile: b
     return rep.history[-1]["images_per_second"]
 
 
-def bare(model: str, batches: int, compile: bool = False) -> float:
-    net = create_model(model).to(memory_format=torch.channels_last)
+def bare(model: str, batches: int, compile: bool = False, fast: bool = True) -> float:
+    """Images/s of the model step alone; fast=False: fp32 and contiguous, as the naive pipeline."""
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    net = create_model(model).to(memory_format=fmt)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     forward = torch.compile(net) if compile else net
-    precision = resolve_precision("auto", torch.device("cpu"))
-    x = torch.randn(BATCH, 1, 48, 48).contiguous(memory_format=torch.channels_last)
+    precision = resolve_precision("auto" if fast else "fp32", torch.device("cpu"))
+    x = torch.randn(BATCH, 1, 48, 48).contiguous(memory_format=fmt)
     y = torch.randint(0, 7, (BATCH,))
 
     def step():
@@ -140,20 +145,24 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         extract_subset(Path(args.zip), Path(tmp), n)
         for model in args.models:
-            runs = {"a": [], "b": [], "c": []}
+            runs = {"a": [], "b": [], "c": [], "d": []}
             for _ in range(args.repeats):
                 runs["a"].append(ours(model, train, args.batches, args.aug_strength, args.compile))
                 runs["b"].append(naive(model, Path(tmp) / "train", args.batches, args.aug_strength, mean, std))
                 runs["c"].append(bare(model, args.batches, args.compile))
+                runs["d"].append(bare(model, args.batches, fast=False))
             med = {k: statistics.median(v) for k, v in runs.items()}
-            rows.append((model, med["a"], med["b"], med["c"], med["a"] / med["b"], med["a"] / med["c"]))
-            print(f"  {model}: a {runs['a']}, b {runs['b']}, c {runs['c']}", file=sys.stderr)
+            rows.append((model, med["a"], med["b"], med["c"], med["d"]))
+            print(f"  {model}: " + ", ".join(f"{k} {[round(v) for v in vs]}" for k, vs in runs.items()),
+                  file=sys.stderr)
 
     print()
-    print("| model | (a) ours img/s | (b) naive img/s | (c) bare step img/s | a/b | a/c |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for model, a, b, c, ab, ac in rows:
-        print(f"| {model} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {ab:.2f} | {ac:.2f} |")
+    print("| model | (a) ours img/s | (b) naive img/s | (c) bare step img/s | (d) bare fp32 img/s "
+          "| a/b | a/c | c/d | d/b |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for model, a, b, c, d in rows:
+        print(f"| {model} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {d:,.0f} | {a / b:.2f} | {a / c:.2f} "
+              f"| {c / d:.2f} | {d / b:.2f} |")
     return 0
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
-from fer_tune.errors import UserError
+from fer_tune.errors import RunFailed, UserError, first_line
 
 
 def parse_duration(text: str) -> float:
@@ -76,7 +77,7 @@ TRAIN_FLAGS = ("model", "epochs", "time_budget", "batch_size", "lr", "optimizer"
 
 def cmd_train(args) -> None:
     from fer_tune import data
-    from fer_tune.train import TrainConfig
+    from fer_tune.train import TrainConfig, TrainingDiverged
     from fer_tune.train.run import default_run_dir, train_run
 
     overrides = dict(args.set or [])
@@ -88,7 +89,13 @@ def cmd_train(args) -> None:
     dataset = data.load(args.dataset, args.data_root)
     out = Path(args.out) if args.out else default_run_dir(args.results, cfg.model)
     print(f"training {cfg.model} on {dataset.name} -> {out}")
-    result = train_run(cfg, dataset, out, device=args.device, progress=not args.quiet)
+    fresh = not out.exists()
+    try:
+        result = train_run(cfg, dataset, out, device=args.device, progress=not args.quiet)
+    except TrainingDiverged as exc:
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise RunFailed(f"{exc}; lower lr (or set grad_clip) and run again; nothing was kept in {out}") from None
     best = result.best
     print(f"done: {result.epochs_run} epochs ({result.stop_reason}); best epoch {best['epoch']}: "
           f"val_acc {best['val_acc']:.4f}, val_macro_f1 {best['val_macro_f1']:.4f}; checkpoint {out / 'best.pt'}")
@@ -170,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"fer-tune: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"fer-tune: error: {first_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fer-tune: interrupted", file=sys.stderr)
         return 130

@@ -10,3 +10,8 @@ def first_line(exc: BaseException) -> str:
     """An exception's message on one line (its first), or its type name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class RunFailed(RuntimeError):
+    """A training run could not finish: its loss diverged, or its worker died. The CLI prints the
+    message as one line (it names the run) and exits 1; the command leaves no partial output."""

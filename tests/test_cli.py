@@ -30,6 +30,18 @@ def test_train_time_budget_records_the_sized_epochs(toy_prepared, tmp_path):
     assert f"epochs: {summary['epochs_run']}" in (out / "config.yaml").read_text()
 
 
+def test_a_diverging_run_is_one_line_and_leaves_nothing(toy_prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--model", "simple_cnn", "--epochs", "2", "--data-root", str(toy_prepared),
+                 "--out", str(out), "--set", "optimizer=sgd", "--set", "lr=1e12", "--set", "precision=fp32",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("fer-tune: error: training loss became nan in epoch 1") and "lower lr" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--set", "lerning_rate=1"], "flags: unknown key(s) lerning_rate; valid keys:"),
     (["train", "--model", "resnet9000"], "resnet9000"),

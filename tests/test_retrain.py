@@ -11,11 +11,11 @@ import yaml
 from conftest import toy_arrays, write_fer_csv
 
 from fer_tune.data.prepared import PreparedDataset
-from fer_tune.errors import UserError
+from fer_tune.errors import RunFailed, UserError
 from fer_tune.evaluate import read_experiment, retrain
 
 retrain_mod = importlib.import_module("fer_tune.evaluate.retrain")  # the package exports the function `retrain`
-from fer_tune.train import load_checkpoint
+from fer_tune.train import TrainingDiverged, load_checkpoint
 
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 COPIES = 20  # test images that are pixel copies of train images
@@ -269,6 +269,14 @@ def test_errors_leave_nothing_half_written(toy_fer, tmp_path, monkeypatch):
     assert sorted(p.name for p in exp.iterdir()) == ["best.json", "search.yaml", "trials.csv"]
     assert len(calls) == 2
 
+    def diverge(cfg, data, reporter, **kw):
+        raise TrainingDiverged("training loss became nan in epoch 1 (lr 10)")
+
+    monkeypatch.setattr(retrain_mod, "fit", diverge)
+    with pytest.raises(RunFailed, match=r"retrain run \S+ failed: training loss became nan .*final was not written"):
+        retrain("exp", storage=tmp_path, data_root=data_root, epochs=1, **QUIET)
+    assert sorted(p.name for p in exp.iterdir()) == ["best.json", "search.yaml", "trials.csv"]
+
 
 def test_an_existing_final_needs_force(seeded, toy_fer):
     exp, _, _, _ = seeded
@@ -326,3 +334,23 @@ def test_cli_retrain_rank(toy_fer, tmp_path, capsys):
     assert code == 2 and err == "--seeds 0: must be >= 1"
     with pytest.raises(SystemExit):  # argparse: --rank and --top-k are exclusive
         cli(["retrain", "exp", "--rank", "1", "--top-k", "2"])
+
+
+def test_cli_retrain_set_changes_the_retrained_config_and_is_recorded(toy_fer, tmp_path):
+    data_root, ds = toy_fer
+    exp = make_experiment(tmp_path, ds)
+    base = ["retrain", "exp", "--storage", str(tmp_path), "--data-root", str(data_root), "--quiet", "--epochs", "1"]
+    code, err = cli(base + ["--set", "ema=0.99", "--set", "label_smoothing=0"])
+    assert code == 0, err
+    m = json.loads((exp / "final" / "metrics.json").read_text())
+    assert m["protocol"]["overrides"] == {"ema": 0.99, "label_smoothing": 0}
+    (model,) = m["models"]
+    assert model["config"]["ema"] == 0.99 and model["config"]["label_smoothing"] == 0.0
+    assert m["configs"][0]["config"]["ema"] == 0.0  # the searched config itself is reported unchanged
+    state = load_checkpoint(exp / "final" / model["checkpoint"])
+    assert state["config"]["ema"] == 0.99
+    for argv, message in [(["--set", "epochs=3"], "--set epochs: retrain sets epochs itself; use --epochs"),
+                          (["--set", "lerning_rate=1"], "--set: unknown key(s) lerning_rate"),
+                          (["--set", "ema=2"], "ema must be in [0.0, ")]:
+        code, err = cli(base + ["--force"] + argv)
+        assert code == 2 and message in err, err

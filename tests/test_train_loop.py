@@ -63,8 +63,9 @@ def test_checkpoint_loading_refuses_arbitrary_pickles(tmp_path):
         load_checkpoint(path)
 
 
-def test_resume_continues_exactly(toy_data, tmp_path):
-    cfg = TrainConfig(**{**FAST, "epochs": 4, "dropout": 0.2})
+@pytest.mark.parametrize("ema", [0.0, 0.99], ids=["plain", "ema"])
+def test_resume_continues_exactly(toy_data, tmp_path, ema):
+    cfg = TrainConfig(**{**FAST, "epochs": 4, "dropout": 0.2, "ema": ema})
     full = fit(cfg, toy_data)
 
     class StopAfterTwo(RunFolderReporter):
@@ -177,3 +178,26 @@ def test_a_slow_first_epoch_does_not_collapse_the_schedule(toy_data):
     lrs = [h["lr"] for h in rep.history]
     assert result.epochs_run >= 4
     assert min(lrs[:-1]) > 0.01 * max(lrs)  # no epoch trained at ~zero learning rate before the end
+
+
+def test_ema_weights_are_the_ones_scored_saved_and_selected(toy_data, tmp_path):
+    cfg = TrainConfig(**{**FAST, "epochs": 3, "ema": 0.99})
+    result = fit(cfg, toy_data, RunFolderReporter(tmp_path, progress=False, tensorboard=False))
+    plain = fit(cfg.replace(ema=0.0), toy_data)
+    # Same training trajectory (the average does not feed back), different weights scored.
+    assert [h["train_loss"] for h in result.history] == [h["train_loss"] for h in plain.history]
+    assert [h["val_loss"] for h in result.history] != [h["val_loss"] for h in plain.history]
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["ema_steps"] == 3 * (640 // 64)
+    averaged, trained = last["model"], last["train_model"]
+    assert set(averaged) == set(trained)
+    assert not all(torch.equal(averaged[k], trained[k]) for k in averaged)
+    best = load_checkpoint(tmp_path / "best.pt")
+    for k, v in result.best_state.items():
+        assert torch.equal(best["model"][k], v)
+    model, _ = model_from_checkpoint(best)
+    logits = predict_logits(model, torch.as_tensor(toy_data.val_x), mean=best["norm"][0], std=best["norm"][1])
+    acc = (logits.argmax(1) == torch.as_tensor(toy_data.val_y)).float().mean().item()
+    assert acc == pytest.approx(result.best["val_acc"], abs=0.02)  # the selected metric is the average's
+    with pytest.raises(Exception, match="ema must be in"):
+        TrainConfig(ema=1.0)

@@ -14,6 +14,12 @@ def _duration(text: str) -> float:
     return parse_duration(text)
 
 
+def _assignment(text: str):
+    from fer_tune.cli import parse_assignment
+
+    return parse_assignment(text)
+
+
 def add_commands(sub, data_root_flag) -> None:
     """Add the evaluation commands to the `fer-tune` sub-parsers."""
     from fer_tune.evaluate.predict import DEFAULT_MARGIN
@@ -37,6 +43,9 @@ def add_commands(sub, data_root_flag) -> None:
                         "rank configs cheaply, not to train them to the end)")
     p.add_argument("--time-budget", type=_duration, help="per run: train as many epochs as fit, e.g. 30m")
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+    p.add_argument("--set", action="append", type=_assignment, metavar="KEY=VALUE",
+                   help="change a config key of the retrained config(s), e.g. --set ema=0.999 (repeatable; "
+                        "recorded in metrics.json under protocol.overrides)")
     p.add_argument("--subset", type=float, default=1.0, help="stratified fraction of train (quick checks only)")
     p.add_argument("--dataset", help="prepared dataset to retrain on (default: the search's, sha256-checked)")
     p.add_argument("--address", help="run every seed as a Ray Train run: auto, ray://host:10001, or local "
@@ -117,7 +126,7 @@ def cmd_retrain(args) -> None:
             epochs=args.epochs, epoch_factor=args.epoch_factor, time_budget=args.time_budget, tta=args.tta,
             subset=args.subset, dataset=args.dataset, data_root=args.data_root, address=args.address,
             cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, device=args.device, force=args.force,
-            progress=not args.quiet)
+            progress=not args.quiet, overrides=dict(args.set or []))
 
 
 def cmd_transfer(args) -> None:

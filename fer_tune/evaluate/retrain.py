@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fer_tune.errors import UserError, first_line
+from fer_tune.errors import RunFailed, UserError, first_line
 from fer_tune.evaluate import report as rep
 from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, split_scores
 from fer_tune.evaluate.experiment import Experiment, RankedConfig, read_experiment
@@ -87,13 +87,16 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
             epoch_factor: float = DEFAULT_EPOCH_FACTOR, time_budget: float | None = None, tta: bool = False,
             subset: float = 1.0, dataset: str | None = None, data_root: str | Path | None = None,
             address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
-            device: str | None = None, force: bool = False, progress: bool = True, log=print) -> dict:
-    """Retrain, test once, write `<experiment>/final/`; returns the metrics written to metrics.json."""
+            device: str | None = None, force: bool = False, progress: bool = True, log=print,
+            overrides: dict | None = None) -> dict:
+    """Retrain, test once, write `<experiment>/final/`; returns the metrics written to metrics.json.
+    `overrides` (`--set`) change config keys of every retrained config, e.g. {"ema": 0.999}."""
     from fer_tune import data as datasets
     from fer_tune.data.prepared import atomic_dir
 
     t0 = time.time()
     _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, cpus_per_run, gpus_per_run)
+    overrides = _check_overrides(overrides or {})
     exp = read_experiment(experiment, storage)
     if exp.final_dir.exists() and not force:
         raise UserError(f"{exp.final_dir} already exists; pass --force to replace it (it is replaced only when the "
@@ -103,16 +106,19 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
         ranked = ranked[rank - 1:]
     ds = _dataset_of(exp, dataset, data_root, datasets)
     n_epochs, epochs_rule = _epochs(exp, epochs, epoch_factor, time_budget)
-    specs = plan_runs(ranked, seeds, n_epochs, time_budget or 0.0, subset)
+    specs = plan_runs(ranked, seeds, n_epochs, time_budget or 0.0, subset, overrides)
     data = TrainData.from_prepared(ds, subset=subset, seed=exp.seed)
     log(f"retraining {len(ranked)} config(s) x {seeds} seed(s) of {exp.name} on {ds.name} "
         f"({len(data.train_y)} train / {len(data.val_y)} val images), {epochs_rule}")
 
     with atomic_dir(exp.path, "final") as out:
-        runs = train_runs(specs, data, out / "runs", address=address, cpus_per_run=cpus_per_run,
-                          gpus_per_run=gpus_per_run, storage=str(storage),
-                          cloud=remote_experiment(experiment and str(experiment), storage), device=device,
-                          progress=progress, log=log)
+        try:
+            runs = train_runs(specs, data, out / "runs", address=address, cpus_per_run=cpus_per_run,
+                              gpus_per_run=gpus_per_run, storage=str(storage),
+                              cloud=remote_experiment(experiment and str(experiment), storage), device=device,
+                              progress=progress, log=log)
+        except RunFailed as exc:  # one run failed: no final model set, so nothing is written
+            raise RunFailed(f"{first_line(exc)}; {exp.final_dir} was not written") from None
         # The test split: read once, after every model is final; each model predicts it once.
         test = EvalData.from_prepared(ds, "test")
         # With --tta the same pass also scores each model without it, so both figures come from one
@@ -128,6 +134,7 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
         ensembles = _ensembles(runs, probs, test) if len(ranked) > 1 else []
         plain_ensembles = _ensembles(runs, plain, test) if tta and len(ranked) > 1 else []
         metrics = _metrics(exp, ds, ranked, runs, ensembles, test, tta=tta, seeds=seeds, epochs_rule=epochs_rule,
+                           overrides=overrides,
                            subset=subset, seconds=time.time() - t0, plain_ensembles=plain_ensembles)
         write_final_report(out, metrics, runs, ds)
     log(summary_text(metrics, exp.final_dir))
@@ -139,13 +146,15 @@ def score_on_test(state: dict, images: np.ndarray, *, tta: bool = False, device:
     return probs_of_checkpoint(state, images, tta=tta, device=device)
 
 
-def plan_runs(ranked: list[RankedConfig], seeds: int, epochs: int, time_budget: float, subset: float) -> list[RunSpec]:
+def plan_runs(ranked: list[RankedConfig], seeds: int, epochs: int, time_budget: float, subset: float,
+              overrides: dict | None = None) -> list[RunSpec]:
     """One run per (config, seed): seeds are the trial's own seed + 0..seeds-1."""
     specs = []
     for r in ranked:
         for i in range(seeds):
             seed = r.config.seed + i
-            cfg = r.config.replace(epochs=epochs, seed=seed, subset=subset, time_budget=time_budget)
+            cfg = TrainConfig.from_dict({**r.config.to_dict(), **(overrides or {}), "epochs": epochs, "seed": seed,
+                                         "subset": subset, "time_budget": time_budget}, source="--set")
             specs.append(RunSpec(name=f"rank{r.rank}-seed{seed}", rank=r.rank, trial_id=r.trial_id, seed=seed,
                                  seed_index=i, config=cfg, search_score=r.score))
     return specs
@@ -166,7 +175,10 @@ def train_runs(specs: list[RunSpec], data: TrainData, runs_dir: Path, *, address
         log(f"[{i}/{len(specs)}] {spec.name}: {spec.config.model}, "
             + (f"as many epochs as fit in {spec.config.time_budget:.0f} s" if spec.config.time_budget else
                f"{spec.config.epochs} epochs"))
-        results.append(run_one(spec, data, runs_dir / spec.name, device=device, progress=progress))
+        try:
+            results.append(run_one(spec, data, runs_dir / spec.name, device=device, progress=progress))
+        except RunFailed as exc:
+            raise RunFailed(f"retrain run {spec.name} failed: {first_line(exc)}") from None
     return results
 
 
@@ -231,7 +243,7 @@ def _train_run(spec: RunSpec, data_ref: list, storage: str, cpus: float, gpus: f
         cause = worker_cause(exc)
         if isinstance(cause, UserError):
             raise cause from None
-        raise RuntimeError(worker_error(exc)) from None
+        raise RunFailed(worker_error(exc)) from None
     with result.checkpoint.as_directory() as folder:
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
     record = json.loads(files.pop(RUN_RECORD))
@@ -284,7 +296,7 @@ def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, storage, cloud, lo
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                 if isinstance(cause, UserError):
                     raise cause from None
-                raise RuntimeError(f"retrain run {spec.name} failed: {first_line(cause)}") from None
+                raise RunFailed(f"retrain run {spec.name} failed: {first_line(cause)}") from None
             run: RunResult = payload["run"]
             run.run_dir = runs_dir / spec.name
             for rel, blob in payload["files"].items():
@@ -341,7 +353,7 @@ def summarize(tests: list[dict], classes) -> dict:
 
 
 def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tta, seeds, epochs_rule, subset,
-             seconds, plain_ensembles=()) -> dict:
+             seconds, plain_ensembles=(), overrides=None) -> dict:
     final_tests = [e["test"] for e in ensembles] if ensembles else [r.test for r in runs]
     final = {"kind": f"ensemble of the top {len(ranked)} configs (softmax average)" if ensembles else "single model",
              "models": [e["name"] for e in ensembles] or [r.spec.name for r in runs],
@@ -360,7 +372,7 @@ def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tt
         "protocol": {"selection": f"best val epoch by {runs[0].config.select_metric}", "epochs": epochs_rule,
                      "seeds": seeds, "top_k": len(ranked), "tta": "horizontal flip" if tta else "none",
                      "train_subset": subset, "test_evaluations_per_model": 1,
-                     "search_metric": exp.metric, "search_mode": exp.mode},
+                     "search_metric": exp.metric, "search_mode": exp.mode, "overrides": overrides or {}},
         "configs": [{"rank": r.rank, "trial_id": r.trial_id, f"search_best_{exp.metric}": r.score,
                      "params": r.params, "config": r.config.to_dict()} for r in ranked],
         "final": final,
@@ -508,6 +520,19 @@ def _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, 
         raise UserError(f"--subset {subset}: must be a fraction of train in (0, 1]")
     if not cpus > 0 or gpus < 0:
         raise UserError(f"--cpus-per-run {cpus} / --gpus-per-run {gpus}: need > 0 CPUs and >= 0 GPUs")
+
+
+OWN_FLAGS = {"epochs": "--epochs or --time-budget", "time_budget": "--time-budget", "seed": "--seeds",
+             "subset": "--subset"}
+
+
+def _check_overrides(overrides: dict) -> dict:
+    """`--set` keys: config keys (checked like a config file), but not those retrain has flags for."""
+    for key in overrides:
+        if key in OWN_FLAGS:
+            raise UserError(f"--set {key}: retrain sets {key} itself; use {OWN_FLAGS[key]}")
+    TrainConfig.from_dict(dict(overrides), source="--set")  # unknown keys and bad values: one line
+    return dict(overrides)
 
 
 def _dataset_of(exp: Experiment, dataset: str | None, data_root, datasets):

@@ -324,6 +324,7 @@ def make_sampler(seed: int, trials: int, kind: str = "tpe"):
         return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # `gamma`: deprecated in Optuna 4.9, to be removed in 6 (pinned <6)
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
                                           n_startup_trials=min(10, max(3, trials // 3)),
                                           gamma=good_group_size)

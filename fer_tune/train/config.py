@@ -55,6 +55,9 @@ class TrainConfig:
     aug_strength: float = 0.5  # 0 = none, 1 = strong; flip, affine warp, brightness/contrast, erasing
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
     cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 = off
+    # weight averaging
+    ema: float = 0.0  # decay of an exponential moving average of the weights (e.g. 0.999); 0 = off.
+    #                   When on, validation, selection, checkpoints and test use the averaged weights.
     # selection and stopping
     select_metric: str = "val_acc"
     early_stop_patience: int = 0  # epochs without improvement of select_metric; 0 = off
@@ -82,6 +85,7 @@ class TrainConfig:
         _in_range("label_smoothing", self.label_smoothing, 0.0, 0.5)
         _in_range("subset", self.subset, 1e-6, 1.0)
         _in_range("cb_beta", self.cb_beta, 0.0, 1.0 - 1e-12)
+        _in_range("ema", self.ema, 0.0, 1.0 - 1e-12)
         for name in ("mixup", "cutmix", "weight_decay", "grad_clip", "time_budget", "warmup_epochs"):
             _in_range(name, getattr(self, name), 0.0, float("inf"))
         if self.lr <= 0:
