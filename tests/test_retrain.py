@@ -354,3 +354,14 @@ def test_cli_retrain_set_changes_the_retrained_config_and_is_recorded(toy_fer, t
                           (["--set", "ema=2"], "ema must be in [0.0, ")]:
         code, err = cli(base + ["--force"] + argv)
         assert code == 2 and message in err, err
+
+
+def test_replacing_final_says_the_transfer_is_stale(toy_fer, tmp_path):
+    data_root, ds = toy_fer
+    exp = make_experiment(tmp_path, ds)
+    retrain("exp", storage=tmp_path, data_root=data_root, epochs=1, **QUIET)
+    (exp / "transfer").mkdir()
+    lines = []
+    retrain("exp", storage=tmp_path, data_root=data_root, epochs=1, force=True, progress=False, log=lines.append)
+    assert any(line.startswith(f"note: {exp / 'transfer'} was made from the model this retrain replaced")
+               for line in lines)

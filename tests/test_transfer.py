@@ -2,12 +2,14 @@
 
 import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from test_retrain import QUIET, Counter, make_experiment, prepare_toy_fer
 
+from fer_tune.data.decode import file_sha256
 from fer_tune.data.prepared import PreparedDataset
 from fer_tune.errors import UserError
 from fer_tune.evaluate import transfer
@@ -68,6 +70,7 @@ def test_transfer_all_strategies(world, monkeypatch):
         cm = np.array(t["confusion_matrix"])
         assert cm.sum() == 140 and r["target_acc"] == pytest.approx(np.trace(cm) / 140)
     assert rows["zero-shot"]["epochs_run"] == 0 and rows["full"]["epochs_run"] == 2
+    assert m["source_model_sha256"] == file_sha256(Path(m["source_model"]))
     # Fine-tuning on the shifted data beats using the model as it is.
     assert max(rows[s]["target_acc"] for s in ("full", "joint")) > rows["zero-shot"]["target_acc"]
 

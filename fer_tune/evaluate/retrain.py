@@ -138,6 +138,9 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
                            subset=subset, seconds=time.time() - t0, plain_ensembles=plain_ensembles)
         write_final_report(out, metrics, runs, ds)
     log(summary_text(metrics, exp.final_dir))
+    if exp.transfer_dir.exists():
+        log(f"note: {exp.transfer_dir} was made from the model this retrain replaced; redo it with "
+            f"fer-tune transfer {exp.name} --to ... --force")
     return metrics
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fer_tune.data.decode import file_sha256
 from fer_tune.errors import UserError
 from fer_tune.evaluate import report as rep
 from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, split_scores
@@ -198,7 +199,8 @@ def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, seconds) 
             "seconds": round(run["seconds"], 1) if run else 0.0})
     return {
         "experiment": exp.name, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "source_model": str(ckpt), "tta": "horizontal flip" if tta else "none",
+        "source_model": str(ckpt), "source_model_sha256": file_sha256(ckpt),
+        "tta": "horizontal flip" if tta else "none",
         "source": {"name": src.name, "sha256": src.sha256, "image_shape": list(src.image_shape),
                    "counts": src.meta.get("counts", {})},
         "target": {"name": tgt.name, "sha256": tgt.sha256, "image_shape": list(tgt.image_shape),
