@@ -164,10 +164,10 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
         ema, ema_steps = new_ema(model, cfg), 0  # the timing steps moved it
     schedule = Schedule(optimizer, cfg, steps_per_epoch)
     # The weights that are evaluated, selected and saved: the moving average when there is one.
-    scored = (lambda: ema.module) if ema is not None else (lambda: model)
+    scored = ema.module if ema is not None else model
 
     def evaluate() -> dict:
-        logits = predict_logits(scored(), val_x, mean=mean, std=std, batch_size=cfg.eval_batch_size,
+        logits = predict_logits(scored, val_x, mean=mean, std=std, batch_size=cfg.eval_batch_size,
                                 precision=precision, channels_last=cfg.channels_last)
         scores = scores_from_confusion(confusion_matrix(val_y, logits.argmax(1), num_classes))
         return {"val_loss": float(F.cross_entropy(logits, val_y)), "val_acc": scores["accuracy"],
@@ -190,19 +190,19 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
         torch.set_rng_state(resume["rng"]["torch"])
         history = list(resume.get("history", []))
         best = dict(resume.get("best", {}))
-        best_state = {k: v.detach().cpu().clone() for k, v in scored().state_dict().items()}
+        best_state = cpu_state(scored, clone=True)
         start_epoch = int(resume["epoch"]) + 1
 
     def make_checkpoint(epoch: int) -> dict:
         state = {
-            "model": {k: v.detach().cpu() for k, v in scored().state_dict().items()},
+            "model": cpu_state(scored),
             "config": cfg.to_dict(), "classes": list(data.classes), "in_chans": int(in_chans),
             "img_size": int(img_size), "norm": [mean, std], "epoch": epoch, "history": history,
             "best": best, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
             "rng": {"order": order_gen.get_state(), "aug": aug_gen.get_state().cpu(), "torch": torch.get_rng_state()},
         }
         if ema is not None:  # "model" holds the averaged weights; resuming also needs the trained ones
-            state["train_model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            state["train_model"] = cpu_state(model)
             state["ema_steps"] = ema_steps
         return state
 
@@ -248,7 +248,7 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
             is_best = not best or sign * metrics[cfg.select_metric] > sign * best[cfg.select_metric]
             if is_best:
                 best = dict(metrics)
-                best_state = {k: v.detach().cpu().clone() for k, v in scored().state_dict().items()}
+                best_state = cpu_state(scored, clone=True)
                 since_best = 0
             else:
                 since_best += 1
@@ -268,6 +268,12 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
         reporter.close()
     return FitResult(config=cfg, history=history, best=best, epochs_run=len(history), stop_reason=stop_reason,
                      best_state=best_state, norm=(mean, std))
+
+
+def cpu_state(module: torch.nn.Module, clone: bool = False) -> dict:
+    """The module's state dict on the CPU; clone=True when the weights keep training on the CPU
+    (a snapshot that later steps must not change)."""
+    return {k: (v.detach().cpu().clone() if clone else v.detach().cpu()) for k, v in module.state_dict().items()}
 
 
 def new_ema(model: torch.nn.Module, cfg: TrainConfig):
