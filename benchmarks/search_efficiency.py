@@ -48,12 +48,17 @@ def main(argv=None) -> int:
     ap.add_argument("--executor", default="direct", choices=["train", "direct"], help="for the three searches")
     ap.add_argument("--concurrency", type=int)
     ap.add_argument("--num-cpus", type=int)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="subset seed, and the first search seed")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="run the three searches with N search seeds (seed, seed+1, ...; same subset) and print "
+                         "medians: one search of 16 trials is one noisy sample")
     ap.add_argument("--overhead-trials", type=int, default=4, help="trials per executor for the startup figure")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--storage", help="where the experiments go (default: a temporary folder)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds {args.seeds}: must be >= 1")
 
     dataset = datasets.load(args.dataset, args.data_root)
     data = TrainData.from_prepared(dataset, subset=args.subset, seed=args.seed)
@@ -69,24 +74,16 @@ def main(argv=None) -> int:
     try:
         common = dict(trials=args.trials, storage=storage, executor=args.executor, concurrency=args.concurrency,
                       seed=args.seed, progress=False)
-        runs = {}
-        for key, sampler, asha in (("tpe_asha", "tpe", True), ("random_full", "random", False),
-                                   ("random_asha", "random", True)):
-            t0 = time.time()
-            summary = run_search(space, data, name=f"{key}-{int(t0)}", sampler=sampler, early_stopping=asha, **common)
-            runs[key] = (summary, time.time() - t0)
-            print(f"  {key}: {summary.epochs_spent} epochs, {runs[key][1]:.0f} s, best val_acc "
-                  f"{summary.best.get('best_val_acc') if summary.best else float('nan'):.4f}", flush=True)
-        target = runs["random_full"][0].best["best_val_acc"]
-        print(f"\n{'search':<26}{'epochs':>8}{'wall s':>9}{'best val_acc':>14}{'epochs to reach ' + format(target, '.4f'):>26}")
-        for key, label in (("tpe_asha", "(1) Optuna TPE + ASHA"), ("random_full", "(2) random, no early stop"),
-                           ("random_asha", "(3) random + ASHA")):
-            summary, wall = runs[key]
-            reach = epochs_to_reach(summary.table, target)
-            best = summary.best["best_val_acc"] if summary.best else float("nan")
-            print(f"{label:<26}{summary.epochs_spent:>8}{wall:>9.0f}{best:>14.4f}{str(reach or 'never'):>26}")
-            figures[key] = {"epochs": summary.epochs_spent, "wall_s": round(wall, 1), "best_val_acc": best,
-                            "epochs_to_reach_random_full_best": reach, "counts": summary.counts}
+        seeds = [args.seed + i for i in range(args.seeds)]
+        per_seed = {}
+        for seed in seeds:
+            if len(seeds) > 1:
+                print(f"\nsearch seed {seed}:", flush=True)
+            per_seed[seed] = compare_searches(space, data, storage, {**common, "seed": seed})
+            figures[f"seed_{seed}"] = {key: fig for key, (_, _, fig) in per_seed[seed].items()}
+        if len(seeds) > 1:
+            figures["summary"] = summarize(per_seed)
+        runs = {key: (summary, wall) for key, (summary, wall, _) in per_seed[seeds[0]].items()}
 
         if not args.skip_overhead:
             print("\nper-trial overhead (trial start -> first report, less that epoch), median of "
@@ -115,6 +112,60 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
     return 0
+
+
+SEARCHES = (("tpe_asha", "(1) Optuna TPE + ASHA", "tpe", True),
+            ("random_full", "(2) random, no early stop", "random", False),
+            ("random_asha", "(3) random + ASHA", "random", True))
+
+
+def compare_searches(space, data: TrainData, storage: Path, common: dict) -> dict:
+    """The three searches with one search seed: {key: (summary, wall_s, figures)}, and their table."""
+    runs = {}
+    for key, _, sampler, asha in SEARCHES:
+        t0 = time.time()
+        summary = run_search(space, data, name=f"{key}-s{common['seed']}-{int(t0)}", sampler=sampler,
+                             early_stopping=asha, **common)
+        runs[key] = (summary, time.time() - t0)
+        print(f"  {key}: {summary.epochs_spent} epochs, {runs[key][1]:.0f} s, best val_acc "
+              f"{summary.best.get('best_val_acc') if summary.best else float('nan'):.4f}", flush=True)
+    target = runs["random_full"][0].best["best_val_acc"]
+    print(f"\n{'search':<26}{'epochs':>8}{'wall s':>9}{'best val_acc':>14}{'epochs to reach ' + format(target, '.4f'):>26}")
+    out = {}
+    for key, label, _, _ in SEARCHES:
+        summary, wall = runs[key]
+        reach = epochs_to_reach(summary.table, target)
+        best = summary.best["best_val_acc"] if summary.best else float("nan")
+        print(f"{label:<26}{summary.epochs_spent:>8}{wall:>9.0f}{best:>14.4f}{str(reach or 'never'):>26}")
+        out[key] = (summary, wall, {"epochs": summary.epochs_spent, "wall_s": round(wall, 1), "best_val_acc": best,
+                                    "epochs_to_reach_random_full_best": reach, "counts": summary.counts})
+    return out
+
+
+def summarize(per_seed: dict, goal: float = 0.4) -> dict:
+    """Medians over search seeds; `reach` is counted against each seed's own (2), as a share of (2)'s epochs
+    (never reached counts as infinitely many, so a median can be 'never')."""
+    print(f"\nover {len(per_seed)} search seeds ({', '.join(map(str, per_seed))}), medians:")
+    print(f"{'search':<26}{'epochs':>8}{'wall s':>9}{'best val_acc':>14}{'reached (2)':>13}{'share of (2) epochs':>21}")
+    out = {}
+    for key, label, _, _ in SEARCHES:
+        figs = [runs[key][2] for runs in per_seed.values()]
+        full = [runs["random_full"][2]["epochs"] for runs in per_seed.values()]
+        shares = [f["epochs_to_reach_random_full_best"] / n if f["epochs_to_reach_random_full_best"] else float("inf")
+                  for f, n in zip(figs, full)]
+        med_share = statistics.median(shares)
+        out[key] = {"epochs": statistics.median(f["epochs"] for f in figs),
+                    "wall_s": statistics.median(f["wall_s"] for f in figs),
+                    "best_val_acc": statistics.median(f["best_val_acc"] for f in figs),
+                    "reached": sum(s != float("inf") for s in shares),
+                    "within_goal": sum(s <= goal for s in shares),
+                    "share_of_random_full_epochs": shares}
+        share = "never" if med_share == float("inf") else f"{med_share:.0%}"
+        print(f"{label:<26}{out[key]['epochs']:>8g}{out[key]['wall_s']:>9.0f}{out[key]['best_val_acc']:>14.4f}"
+              f"{out[key]['reached']:>9}/{len(figs):<3}{share:>21}")
+    print(f"goal: (1) reaches (2)'s best with <= {goal:.0%} of (2)'s epochs: in {out['tpe_asha']['within_goal']} of "
+          f"{len(per_seed)} seeds (random + ASHA: {out['random_asha']['within_goal']})")
+    return out
 
 
 def epochs_to_reach(table: pd.DataFrame, target: float) -> int | None:
