@@ -136,6 +136,27 @@ def test_table_values_come_back_in_the_space_types(toy_fer, tmp_path):
     create_model(ranked[1].config.model, **ranked[1].config.model_kwargs)  # raised on 128.0 before
 
 
+def test_table_integers_come_back_whole_without_a_space(toy_fer, tmp_path):
+    """With no space in search.yaml the table's columns are config keys as they are; a column some rows
+    leave empty is float (fc 128.0), and integers must come back whole for the models."""
+    from fer_tune.models import create_model
+
+    data_root, ds = toy_fer
+    exp_dir = tmp_path / "nospace"
+    exp_dir.mkdir()
+    (exp_dir / "search.yaml").write_text(yaml.safe_dump({"name": "nospace", "flags": {"seed": 0},
+                                                         "dataset": {"name": ds.name, "sha256": ds.sha256}}))
+    rows = [{"trial_id": "a", "status": "completed", "epochs": 1, "model": "mlp", "model_kwargs.fc": None,
+             "model_kwargs.width": 0.5, "lr": 0.003, "batch_size": 64, "best_val_acc": 0.7},
+            {"trial_id": "b", "status": "completed", "epochs": 1, "model": "vgg_fer_s", "model_kwargs.fc": 128,
+             "model_kwargs.width": 0.5, "lr": 0.004, "batch_size": 64, "best_val_acc": 0.8}]
+    pd.DataFrame(rows).to_csv(exp_dir / "trials.csv", index=False)
+    cfg = read_experiment(exp_dir).ranked(1)[0].config
+    assert cfg.model_kwargs == {"fc": 128, "width": 0.5} and type(cfg.model_kwargs["fc"]) is int
+    assert cfg.lr == 0.004 and type(cfg.batch_size) is int
+    create_model(cfg.model, **cfg.model_kwargs)  # raised "fc must be a positive integer, got 128.0" before
+
+
 @pytest.fixture(scope="module")
 def seeded(toy_fer, tmp_path_factory):
     """One retrain with 2 seeds, counting test-split reads and test scoring."""

@@ -131,8 +131,9 @@ def _config_of(exp: Experiment, row: dict) -> TrainConfig:
         values = {name: p.args for name, p in parsed.params.items() if p.fixed and p.active(params)}
         values.update({k: parsed.params[k].from_table(v) for k, v in params.items() if k in parsed.params})
         return parsed.trial_config(values, epochs=exp.max_epochs, seed=exp.seed)
-    # No space: the table's columns are TrainConfig keys (model_kwargs.X folded in).
-    flat = fold_model_kwargs({"model_kwargs": {}, **params})
+    # No space: the table's columns are TrainConfig keys (model_kwargs.X folded in), and a column some
+    # rows leave empty is float, so its integers come back whole (vgg_fer_s refuses fc=512.0).
+    flat = fold_model_kwargs({"model_kwargs": {}, **{k: _whole(k, v) for k, v in params.items()}})
     known = set(TrainConfig.__dataclass_fields__)
     unknown = sorted(set(flat) - known)
     if unknown:
@@ -142,6 +143,14 @@ def _config_of(exp: Experiment, row: dict) -> TrainConfig:
     if exp.max_epochs:
         flat.setdefault("epochs", exp.max_epochs)
     return TrainConfig.from_dict(flat, source=f"{exp.path / 'trials.csv'} trial {row.get('trial_id')}")
+
+
+def _whole(key: str, value):
+    """A table's 512.0 as 512 where an integer is meant: model knobs (their own types are unknown
+    without the space; the models take whole numbers for sizes) and the int fields of TrainConfig."""
+    spec = TrainConfig.__dataclass_fields__.get(key)
+    wants_int = key.startswith("model_kwargs.") or (spec is not None and spec.type in ("int", int))
+    return int(value) if wants_int and isinstance(value, float) and value.is_integer() else value
 
 
 def _params_of(row: dict) -> dict:
