@@ -20,8 +20,16 @@ def test_seeds_as_ray_train_runs_match_local_runs(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         # address "auto" joins the running instance (retrain leaves a Ray it did not start running).
-        m = retrain(exp, data_root=tmp_path / "data", seeds=2, epochs=1, address="auto", **QUIET)
+        said = []
+        m = retrain(exp, data_root=tmp_path / "data", seeds=2, epochs=1, address="auto", progress=True,
+                    log=said.append)
         assert ray.is_initialized()
+        # Each run's epochs are shown as they happen, as a local run shows them, and the queue carrying
+        # them is gone.
+        for name in ("rank1-seed0", "rank1-seed1"):
+            assert sum(line.startswith(f"{name}: epoch   1/1  train_loss ") for line in said) == 1, said
+        assert not [a for a in ray._private.state.actors().values()  # the GCS table; no dashboard here
+                    if a["State"] == "ALIVE" and "Queue" in a["ActorClassName"]]
         # Each run was a Ray Train run: one worker-group placement group per run, all removed.
         groups = ray.util.placement_group_table().values()
         assert len(groups) == 2 and all(g["state"] == "REMOVED" for g in groups)

@@ -157,7 +157,8 @@ def plan_runs(ranked: list[RankedConfig], seeds: int, epochs: int, time_budget: 
         for i in range(seeds):
             seed = r.config.seed + i
             cfg = TrainConfig.from_dict({**r.config.to_dict(), **(overrides or {}), "epochs": epochs, "seed": seed,
-                                         "subset": subset, "time_budget": time_budget}, source="--set")
+                                         "subset": subset, "time_budget": time_budget},
+                                        source=f"--set on trial {r.trial_id}" if overrides else f"trial {r.trial_id}")
             specs.append(RunSpec(name=f"rank{r.rank}-seed{seed}", rank=r.rank, trial_id=r.trial_id, seed=seed,
                                  seed_index=i, config=cfg, search_score=r.score))
     return specs
@@ -172,7 +173,8 @@ def train_runs(specs: list[RunSpec], data: TrainData, runs_dir: Path, *, address
     """Train every run: sequentially in this process, or as Ray Train runs with `address`."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     if address:
-        return _train_on_ray(specs, data, runs_dir, address, cpus_per_run, gpus_per_run, storage, cloud, log)
+        return _train_on_ray(specs, data, runs_dir, address, cpus_per_run, gpus_per_run, storage, cloud, log,
+                             progress)
     results = []
     for i, spec in enumerate(specs, start=1):
         log(f"[{i}/{len(specs)}] {spec.name}: {spec.config.model}, "
@@ -186,10 +188,11 @@ def train_runs(specs: list[RunSpec], data: TrainData, runs_dir: Path, *, address
 
 
 def run_one(spec: RunSpec, data: TrainData, run_dir: Path, *, device: str | None = None,
-            progress: bool = False) -> RunResult:
-    """One run into `run_dir`: best.pt (best val epoch), config.yaml, metrics.csv, TensorBoard."""
+            progress: bool = False, on_epoch=None) -> RunResult:
+    """One run into `run_dir`: best.pt (best val epoch), config.yaml, metrics.csv, TensorBoard;
+    `on_epoch` gets each epoch's progress line."""
     t0 = time.time()
-    result = fit(spec.config, data, RunFolderReporter(run_dir, progress=progress), device=device)
+    result = fit(spec.config, data, RunFolderReporter(run_dir, progress=progress, on_epoch=on_epoch), device=device)
     (run_dir / "last.pt").unlink(missing_ok=True)  # resume state; a finished retrain never resumes
     (run_dir / "config.yaml").write_text(result.config.to_yaml())
     return RunResult(spec=spec, run_dir=run_dir, config=result.config, history=result.history, best=result.best,
@@ -213,15 +216,17 @@ def _train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, config["threads"]))
     device = str(ray.train.torch.get_device()) if config["use_gpu"] else "cpu"
     data = ray.get(config["data"][0])
+    lines = config.get("lines")  # the driver's queue for progress lines, when it shows progress
+    on_epoch = (lambda line: lines.put(f"{spec.name}: {line.strip()}")) if lines is not None else None
     with tempfile.TemporaryDirectory(prefix="fer-tune-retrain-") as tmp:
-        run = run_one(spec, data, Path(tmp) / spec.name, device=device)
+        run = run_one(spec, data, Path(tmp) / spec.name, device=device, on_epoch=on_epoch)
         record = {"history": run.history, "best": run.best, "epochs_run": run.epochs_run,
                   "stop_reason": run.stop_reason, "seconds": run.seconds}
         (run.run_dir / RUN_RECORD).write_text(json.dumps(record))
         ray.train.report({"epochs_run": run.epochs_run}, checkpoint=ray.train.Checkpoint.from_directory(run.run_dir))
 
 
-def _train_run(spec: RunSpec, data_ref: list, storage: str, cpus: float, gpus: float) -> dict:
+def _train_run(spec: RunSpec, data_ref: list, storage: str, cpus: float, gpus: float, lines=None) -> dict:
     """Body of the Ray task that drives one retrain run: a one-worker `TorchTrainer` (Ray Train
     V2), whose checkpoint (the run folder) comes back as file contents."""
     import json
@@ -235,7 +240,8 @@ def _train_run(spec: RunSpec, data_ref: list, storage: str, cpus: float, gpus: f
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"spec": spec, "data": data_ref, "threads": int(cpus), "use_gpu": gpus > 0},
+        train_loop_config={"spec": spec, "data": data_ref, "threads": int(cpus), "use_gpu": gpus > 0,
+                           "lines": lines},
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=f"{spec.name}-{uuid.uuid4().hex[:8]}", storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=0)),
@@ -255,20 +261,23 @@ def _train_run(spec: RunSpec, data_ref: list, storage: str, cpus: float, gpus: f
     return {"run": run, "files": files}
 
 
-def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, storage, cloud, log) -> list[RunResult]:
+def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, storage, cloud, log,
+                  progress: bool = False) -> list[RunResult]:
     """Each run a Ray Train run (one worker), driven by a zero-CPU Ray task so that as many run at
-    once as the cluster holds; the runs' folders come back to this process. Train keeps the runs'
+    once as the cluster holds; the runs' folders come back to this process, and with `progress` each
+    epoch's line comes back as it happens (through a zero-CPU Ray queue). Train keeps the runs'
     checkpoints under `<experiment URI>/retrain_runs` for an experiment in cloud storage (`cloud`),
     else in a local folder deleted at the end (refused on a multi-node cluster: its other nodes
     cannot reach it)."""
     import shutil
 
     import ray
+    from ray.util.queue import Queue
 
     from fer_tune.search import cluster
 
     started = cluster.connect(None if address == "local" else address, quiet=True)
-    local_storage = None
+    local_storage = lines = None
     try:
         capacity = cluster.cluster_capacity()
         if cloud:
@@ -283,13 +292,22 @@ def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, storage, cloud, lo
         # a Train run that waits for its worker group times out and retries without end.
         at_once = max(1, cluster.max_concurrency(capacity, 1, cpus, gpus))
         queue, pending, results = list(specs), {}, {}
+        lines = Queue(actor_options={"num_cpus": 0}) if progress else None
+
+        def show_lines():
+            while lines is not None and not lines.empty():
+                log(lines.get_nowait())
+
         log(f"{len(specs)} run(s) as Ray Train runs ({capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs; "
             f"{cpus:g} CPU, {gpus:g} GPU per run, {at_once} at a time)")
         while queue or pending:
             while queue and len(pending) < at_once:
                 spec = queue.pop(0)
-                pending[driver.remote(spec, [data_ref], train_storage, cpus, gpus)] = spec
-            done, _ = ray.wait(list(pending), num_returns=1)
+                pending[driver.remote(spec, [data_ref], train_storage, cpus, gpus, lines)] = spec
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            show_lines()
+            if not done:
+                continue
             spec = pending.pop(done[0])
             try:
                 payload = ray.get(done[0])
@@ -310,6 +328,8 @@ def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, storage, cloud, lo
             log(f"done {spec.name}: {run.epochs_run} epochs, best {spec.config.select_metric} {best:.4f}")
         return [results[s.name] for s in specs]
     finally:
+        if lines is not None:
+            lines.shutdown(force=True)  # its actor would outlive us on a cluster we did not start
         if local_storage is not None:
             shutil.rmtree(local_storage, ignore_errors=True)
         cluster.shutdown(started)

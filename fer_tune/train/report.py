@@ -54,13 +54,23 @@ class MemoryReporter(Reporter):
         self.history.append(dict(metrics))
 
 
+def epoch_line(metrics: dict, epochs: int, is_best: bool) -> str:
+    """The one line printed per epoch; `*` marks a new best val epoch."""
+    return (f"epoch {int(metrics['epoch']):3d}/{epochs}  train_loss {metrics['train_loss']:.4f}  "
+            f"train_acc {metrics['train_acc']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+            f"val_acc {metrics['val_acc']:.4f}  val_f1 {metrics['val_macro_f1']:.4f}  "
+            f"{metrics['images_per_second']:.0f} img/s  {metrics['epoch_seconds']:.1f}s" + ("  *" if is_best else ""))
+
+
 class RunFolderReporter(Reporter):
     """A run folder: metrics.csv, TensorBoard events, best.pt and last.pt, and a progress bar."""
 
-    def __init__(self, run_dir: str | Path, progress: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, progress: bool = True, tensorboard: bool = True,
+                 on_epoch: Callable[[str], None] | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
+        self.on_epoch = on_epoch  # also gets each epoch's line (e.g. a run with no terminal of its own)
         self.tensorboard = tensorboard
         self._bar = None
         self._writer = None
@@ -98,12 +108,9 @@ class RunFolderReporter(Reporter):
         epoch = int(metrics["epoch"])
         if self._bar is not None:
             self._bar.close()
-            self._bar.write(
-                f"epoch {epoch:3d}/{self.info['epochs']}  train_loss {metrics['train_loss']:.4f}  "
-                f"train_acc {metrics['train_acc']:.4f}  val_loss {metrics['val_loss']:.4f}  "
-                f"val_acc {metrics['val_acc']:.4f}  val_f1 {metrics['val_macro_f1']:.4f}  "
-                f"{metrics['images_per_second']:.0f} img/s  {metrics['epoch_seconds']:.1f}s" + ("  *" if is_best else "")
-            )
+            self._bar.write(epoch_line(metrics, self.info["epochs"], is_best))
+        if self.on_epoch is not None:
+            self.on_epoch(epoch_line(metrics, self.info["epochs"], is_best))
         self._csv.writerow(metrics)
         self._csv_file.flush()
         if self._writer is not None:
