@@ -293,19 +293,17 @@ def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, storage, cloud, lo
         at_once = max(1, cluster.max_concurrency(capacity, 1, cpus, gpus))
         queue, pending, results = list(specs), {}, {}
         lines = Queue(actor_options={"num_cpus": 0}) if progress else None
-
-        def show_lines():
-            while lines is not None and not lines.empty():
-                log(lines.get_nowait())
-
         log(f"{len(specs)} run(s) as Ray Train runs ({capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs; "
             f"{cpus:g} CPU, {gpus:g} GPU per run, {at_once} at a time)")
         while queue or pending:
             while queue and len(pending) < at_once:
                 spec = queue.pop(0)
                 pending[driver.remote(spec, [data_ref], train_storage, cpus, gpus, lines)] = spec
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            show_lines()
+            # With progress lines, wake up every second to print what the runs have sent.
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0 if lines is not None else None)
+            if lines is not None:
+                for line in lines.get_nowait_batch(lines.qsize()):  # one reader: qsize only grows
+                    log(line)
             if not done:
                 continue
             spec = pending.pop(done[0])
