@@ -72,10 +72,14 @@ def test_train_executor_asha_search_frees_every_placement_group(ray_instance, ti
     assert sorted(p.name for p in (exp / "train_runs").iterdir()) == sorted(table["trial_id"])
     assert not [p for p in (exp / "train_runs").glob("*/checkpoint_*") if p.is_dir()]  # deleted when finished
 
-    import optuna  # the study is on disk, with every trial told
+    import optuna  # the study is on disk, every trial told: stopped early as PRUNED at its last epoch
     study = optuna.load_study(study_name="asha", storage=journal_storage(exp / "optuna.journal"))
     assert len(study.trials) == 8
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    state = {"completed": optuna.trial.TrialState.COMPLETE, "stopped early": optuna.trial.TrialState.PRUNED}
+    told = sorted((t.state.name, round(t.value, 6)) for t in study.trials)
+    assert told == sorted((state[r.status].name, round(r.last_val_acc, 6)) for r in table.itertuples())
+    pruned_at = sorted(t.last_step for t in study.trials if t.state == optuna.trial.TrialState.PRUNED)
+    assert pruned_at == sorted(table.loc[table.status == "stopped early", "epochs"])
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(Path(table.loc[0, "trial_dir"])), size_guidance={"tensors": 0})
@@ -178,8 +182,8 @@ def test_resume_after_sigkill_keeps_finished_trials(ray_instance, toy_prepared, 
     assert record["status"] == "finished" and len(record["resumed"]) == 1
     import optuna
     study = optuna.load_study(study_name="killed", storage=journal_storage(tmp_path / "killed" / "optuna.journal"))
-    told = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(told) == 8
+    told = [t.state.name for t in study.trials if t.state.is_finished()]
+    assert sorted(told) == sorted(after["status"].map({"completed": "COMPLETE", "stopped early": "PRUNED"}))
 
 
 def test_ctrl_c_stops_cleanly_and_writes_the_tables(ray_instance, toy_prepared, tmp_path):

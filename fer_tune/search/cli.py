@@ -118,7 +118,8 @@ def cmd_trials(args) -> None:
 
 
 def importances(exp: Path) -> str:
-    """optuna.importance over the completed trials of the experiment's study (optuna.journal)."""
+    """optuna.importance over the trials of the experiment's study (optuna.journal) that ran the whole
+    budget: Optuna leaves out the PRUNED ones (stopped early by ASHA), whose scores are at fewer epochs."""
     import warnings
 
     import optuna
@@ -133,12 +134,13 @@ def importances(exp: Path) -> str:
     study = optuna.load_study(study_name=study_name, storage=journal_storage(journal))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(done) < 2:
-        raise UserError(f"{exp}: {len(done)} completed trial(s); importances need at least 2")
+        raise UserError(f"{exp}: {len(done)} trial(s) ran the whole budget; importances need at least 2 "
+                        "(trials ASHA stopped early do not count)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ranked = optuna.importance.get_param_importances(study)
     width = max(len(k) for k in ranked)
-    lines = [f"{len(done)} completed trials, importance of each hyperparameter for {study.direction.name.lower()} "
+    lines = [f"{len(done)} completed trials (full budget), importance of each hyperparameter for {study.direction.name.lower()} "
              f"{_search_meta(exp).get('metric', 'val_acc')} (fANOVA; sums to 1):"]
     lines += [f"  {k:<{width}}  {v:.3f}" for k, v in ranked.items()]
     return "\n".join(lines)

@@ -266,7 +266,8 @@ def _tuner(trainable, space: SearchSpace, setup: TrialSetup, *, name, storage, t
         return tuner
     searcher = JournalOptunaSearch(space=space.suggest, metric=space.metric, mode=space.mode,
                                    sampler=make_sampler(seed, trials, sampler), study_name=name,
-                                   journal=str(journal), points_to_evaluate=space.startup_points(trials))
+                                   journal=str(journal), points_to_evaluate=space.startup_points(trials),
+                                   max_epochs=space.max_epochs)
     scheduler = FIFOScheduler()
     if early_stopping:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
@@ -350,9 +351,15 @@ def _searcher_class():
 
 class JournalOptunaSearch(_searcher_class()):
     """OptunaSearch whose study lives in an Optuna journal file next to the experiment. On a
-    resume, Optuna trials that were asked but never told (the driver died) are marked failed."""
+    resume, Optuna trials that were asked but never told (the driver died) are marked failed.
 
-    def __init__(self, *args, journal: str, **kwargs):
+    A trial that ends before `max_epochs` without an error (ASHA stopped it at a rung) is told to
+    Optuna as PRUNED at the last epoch it reported, not as COMPLETE with that early score as Ray's
+    OptunaSearch does. TPE then ranks it below every trial that ran the whole budget, and stopped
+    trials among themselves by how far ASHA let them go, then by score: the order ASHA judged them
+    in, where COMPLETE would rank a 2-epoch score against 12-epoch ones."""
+
+    def __init__(self, *args, journal: str, max_epochs: int | None = None, **kwargs):
         import warnings
 
         import optuna
@@ -361,6 +368,7 @@ class JournalOptunaSearch(_searcher_class()):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             super().__init__(*args, storage=journal_storage(journal), **kwargs)
         self._journal = journal
+        self._max_epochs = max_epochs
 
     def on_trial_result(self, trial_id: str, result: dict):
         # A trial that finished just before the driver was killed is still running in Tune's last
@@ -370,8 +378,25 @@ class JournalOptunaSearch(_searcher_class()):
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if not self._told(trial_id):
-            super().on_trial_complete(trial_id, result, error)
+        if self._told(trial_id):
+            return
+        if not error and self._stopped_early(result) and trial_id in self._ot_trials:
+            import optuna
+            from ray.tune.result import TRAINING_ITERATION
+
+            # Tune hands the result that made ASHA stop the trial only to on_trial_complete: report it
+            # first, so that the pruned trial's value is its score at the epoch ASHA judged
+            ot_trial, step, value = self._ot_trials[trial_id], result.get(TRAINING_ITERATION), result.get(self.metric)
+            if None not in (step, value) and step not in self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values:
+                ot_trial.report(value, step)
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+    def _stopped_early(self, result: dict | None) -> bool:
+        epoch = (result or {}).get("epoch")
+        return self._max_epochs is not None and epoch is not None and epoch < self._max_epochs
 
     def _told(self, trial_id: str) -> bool:
         ot_trial = self._ot_trials.get(trial_id)
