@@ -106,3 +106,39 @@ def test_local_storage_is_refused_where_nodes_cannot_share_it(monkeypatch, nodes
         with pytest.raises(UserError, match=rf"--storage /x/results: a local folder is not shared between nodes "
                                             rf"\({refused}\).*--storage s3://bucket/prefix.*file:///"):
             check()
+
+
+@pytest.fixture
+def fake_raylet(tmp_path):
+    """A process named `raylet` (a copy of sleep), as another Ray instance on this machine would have."""
+    import shutil
+    import subprocess
+
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc: the check for other Ray instances reads it")
+    exe = tmp_path / "raylet"
+    shutil.copy(shutil.which("sleep"), exe)
+    proc = subprocess.Popen([str(exe), "60"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_a_second_local_ray_instance_is_refused(fake_raylet, toy_prepared, tmp_path, monkeypatch, capsys):
+    import ray
+
+    from fer_tune.cli import main
+    from fer_tune.search import cluster
+
+    assert ("raylet", fake_raylet) in cluster.ray_processes()
+    if ray.is_initialized():
+        pytest.skip("Ray is connected in this process (connect() joins it before any check)")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cluster, "SETTLE_S", 1.0)
+    args = ["search", "--space", "smoke", "--dataset", "fer2013", "--data-root", str(toy_prepared), "--quiet",
+            "--executor", "direct", "--storage", str(tmp_path / "results"), "--name", "second"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Ray is already running on this machine" in err and "--address auto" in err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "results" / "second").exists()  # nothing written

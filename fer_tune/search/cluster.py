@@ -45,8 +45,41 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
                             f"with `ray start --head` or `ray up cluster/gpu.yaml`, and with token authentication "
                             f"export RAY_AUTH_MODE=token") from None
         return True
+    running = [] if os.environ.get("RAY_ADDRESS") else other_ray_instance()  # with RAY_ADDRESS, ray.init joins it
+    if running:
+        name, pid = running[0]
+        raise UserError(f"Ray is already running on this machine ({name} pid {pid}); a second local Ray instance "
+                        f"beside it has cost running trials their Ray Train workers here. Join it with --address auto "
+                        f"(a `ray start` cluster), or let the other command finish (or `ray stop` it) and run again")
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     return True
+
+
+RAY_DAEMONS = ("gcs_server", "raylet")
+SETTLE_S = 10.0  # how long the daemons of an instance that was just shut down may take to exit
+
+
+def other_ray_instance() -> list[tuple[str, int]]:
+    """The Ray daemons on this machine that are still there after SETTLE_S (none: no other instance)."""
+    deadline = time.monotonic() + SETTLE_S
+    while (running := ray_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return running
+
+
+def ray_processes(proc: Path = Path("/proc")) -> list[tuple[str, int]]:
+    """(name, pid) of the Ray daemons running on this machine, of any Ray instance; empty where there
+    is no /proc to read (then nothing is checked)."""
+    found = []
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()  # "pid (name) state ..."
+        except OSError:  # the process ended while we looked
+            continue
+        name, _, rest = text[text.find("(") + 1:].rpartition(")")
+        if name in RAY_DAEMONS and rest.split()[:1] not in (["Z"], ["X"]):  # an exited, unreaped one is no instance
+            found.append((name, int(stat.parent.name)))
+    return sorted(found, key=lambda item: (RAY_DAEMONS.index(item[0]), item[1]))
 
 
 def shutdown(started: bool) -> None:
