@@ -381,8 +381,17 @@ def test_replacing_final_says_the_transfer_is_stale(toy_fer, tmp_path):
     data_root, ds = toy_fer
     exp = make_experiment(tmp_path, ds)
     retrain("exp", storage=tmp_path, data_root=data_root, epochs=1, **QUIET)
+    from fer_tune.data.decode import file_sha256
+
+    note = f"note: {exp / 'transfer'} was made from the model this retrain replaced"
     (exp / "transfer").mkdir()
-    lines = []
-    retrain("exp", storage=tmp_path, data_root=data_root, epochs=1, force=True, progress=False, log=lines.append)
-    assert any(line.startswith(f"note: {exp / 'transfer'} was made from the model this retrain replaced")
-               for line in lines)
+    for source, stale in [(exp / "final" / "runs" / "rank1-seed0" / "best.pt", True),
+                          (tmp_path / "elsewhere.pt", False)]:  # a transfer from a model this retrain leaves alone
+        if not stale:
+            source.write_bytes(b"another model")
+        (exp / "transfer" / "metrics.json").write_text(json.dumps({"source_model": str(source),
+                                                                   "source_model_sha256": file_sha256(source)}))
+        lines = []
+        retrain("exp", storage=tmp_path, data_root=data_root, epochs=1, force=True, progress=False,
+                log=lines.append)
+        assert any(line.startswith(note) for line in lines) == stale, lines

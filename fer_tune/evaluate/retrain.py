@@ -29,6 +29,7 @@ folder comes back as its Train checkpoint, and the driver writes final/ as in th
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from fer_tune.data.decode import file_sha256
 from fer_tune.errors import RunFailed, UserError, first_line
 from fer_tune.evaluate import report as rep
 from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, split_scores
@@ -111,6 +113,7 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
     log(f"retraining {len(ranked)} config(s) x {seeds} seed(s) of {exp.name} on {ds.name} "
         f"({len(data.train_y)} train / {len(data.val_y)} val images), {epochs_rule}")
 
+    replaced = _checkpoint_hashes(exp.final_dir)  # with --force: the models this retrain replaces
     with atomic_dir(exp.path, "final") as out:
         try:
             runs = train_runs(specs, data, out / "runs", address=address, cpus_per_run=cpus_per_run,
@@ -138,10 +141,22 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
                            subset=subset, seconds=time.time() - t0, plain_ensembles=plain_ensembles)
         write_final_report(out, metrics, runs, ds)
     log(summary_text(metrics, exp.final_dir))
-    if exp.transfer_dir.exists():
+    if _transfer_source_hash(exp) in replaced:
         log(f"note: {exp.transfer_dir} was made from the model this retrain replaced; redo it with "
             f"fer-tune transfer {exp.name} --to ... --force")
     return metrics
+
+
+def _checkpoint_hashes(final_dir: Path) -> set[str]:
+    return {file_sha256(p) for p in Path(final_dir).glob("runs/*/best.pt")}
+
+
+def _transfer_source_hash(exp: Experiment) -> str | None:
+    """sha256 of the model the experiment's transfer/ started from (None: no readable transfer)."""
+    try:
+        return json.loads((exp.transfer_dir / "metrics.json").read_text())["source_model_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def score_on_test(state: dict, images: np.ndarray, *, tta: bool = False, device: str | None = None) -> np.ndarray:
