@@ -140,8 +140,8 @@ def importances(exp: Path) -> str:
         warnings.simplefilter("ignore")
         ranked = optuna.importance.get_param_importances(study)
     width = max(len(k) for k in ranked)
-    lines = [f"{len(done)} completed trials (full budget), importance of each hyperparameter for {study.direction.name.lower()} "
-             f"{_search_meta(exp).get('metric', 'val_acc')} (fANOVA; sums to 1):"]
+    lines = [f"{len(done)} completed trials (full budget), importance of each hyperparameter for "
+             f"{study.direction.name.lower()} {_search_meta(exp).get('metric', 'val_acc')} (fANOVA; sums to 1):"]
     lines += [f"  {k:<{width}}  {v:.3f}" for k, v in ranked.items()]
     return "\n".join(lines)
 

@@ -387,7 +387,8 @@ class JournalOptunaSearch(_searcher_class()):
             # Tune hands the result that made ASHA stop the trial only to on_trial_complete: report it
             # first, so that the pruned trial's value is its score at the epoch ASHA judged
             ot_trial, step, value = self._ot_trials[trial_id], result.get(TRAINING_ITERATION), result.get(self.metric)
-            if None not in (step, value) and step not in self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values:
+            reported = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
+            if None not in (step, value) and step not in reported:
                 ot_trial.report(value, step)
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
             self._completed_trials.add(trial_id)
