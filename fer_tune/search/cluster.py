@@ -48,9 +48,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     running = [] if os.environ.get("RAY_ADDRESS") else other_ray_instance()  # with RAY_ADDRESS, ray.init joins it
     if running:
         name, pid = running[0]
-        raise UserError(f"Ray is already running on this machine ({name} pid {pid}); a second local Ray instance "
-                        f"beside it has cost running trials their Ray Train workers here. Join it with --address auto "
-                        f"(a `ray start` cluster), or let the other command finish (or `ray stop` it) and run again")
+        raise UserError(f"Ray is already running on this machine ({name} pid {pid}), and a second local instance "
+                        f"beside it can cost both their Ray Train workers: join it with --address auto (a `ray start` "
+                        f"cluster), or let the other command finish (or `ray stop` it) and run again")
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     return True
 

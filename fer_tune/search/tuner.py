@@ -353,7 +353,8 @@ class JournalOptunaSearch(_searcher_class()):
     """OptunaSearch whose study lives in an Optuna journal file next to the experiment. On a
     resume, Optuna trials that were asked but never told (the driver died) are marked failed.
 
-    A trial that ends before `max_epochs` without an error (ASHA stopped it at a rung) is told to
+    A trial that ends before `max_epochs` without an error (ASHA stopped it at a rung; or its own
+    early_stop_patience, when a space sets one) is told to
     Optuna as PRUNED at the last epoch it reported, not as COMPLETE with that early score as Ray's
     OptunaSearch does. TPE then ranks it below every trial that ran the whole budget, and stopped
     trials among themselves by how far ASHA let them go, then by score: the order ASHA judged them
