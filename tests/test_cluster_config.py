@@ -113,12 +113,16 @@ def fake_raylet(tmp_path):
     """A process named `raylet` (a copy of sleep), as another Ray instance on this machine would have."""
     import shutil
     import subprocess
+    import time
 
     if not Path("/proc").is_dir():
         pytest.skip("no /proc: the check for other Ray instances reads it")
     exe = tmp_path / "raylet"
     shutil.copy(shutil.which("sleep"), exe)
     proc = subprocess.Popen([str(exe), "60"])
+    comm, deadline = Path(f"/proc/{proc.pid}/comm"), time.monotonic() + 30
+    while comm.read_text().strip() != "raylet" and time.monotonic() < deadline:  # until the exec is done
+        time.sleep(0.05)
     yield proc.pid
     proc.kill()
     proc.wait()
