@@ -113,7 +113,9 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
     log(f"retraining {len(ranked)} config(s) x {seeds} seed(s) of {exp.name} on {ds.name} "
         f"({len(data.train_y)} train / {len(data.val_y)} val images), {epochs_rule}")
 
-    replaced = _checkpoint_hashes(exp.final_dir)  # with --force: the models this retrain replaces
+    # With --force and a transfer/: was it made from one of the models this retrain replaces?
+    transfer_source = _transfer_source_hash(exp)
+    transfer_goes_stale = transfer_source is not None and transfer_source in _checkpoint_hashes(exp.final_dir)
     with atomic_dir(exp.path, "final") as out:
         try:
             runs = train_runs(specs, data, out / "runs", address=address, cpus_per_run=cpus_per_run,
@@ -141,7 +143,7 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
                            subset=subset, seconds=time.time() - t0, plain_ensembles=plain_ensembles)
         write_final_report(out, metrics, runs, ds)
     log(summary_text(metrics, exp.final_dir))
-    if _transfer_source_hash(exp) in replaced:
+    if transfer_goes_stale:
         log(f"note: {exp.transfer_dir} was made from the model this retrain replaced; redo it with "
             f"fer-tune transfer {exp.name} --to ... --force")
     return metrics
