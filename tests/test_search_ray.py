@@ -182,8 +182,12 @@ def test_resume_after_sigkill_keeps_finished_trials(ray_instance, toy_prepared, 
     assert record["status"] == "finished" and len(record["resumed"]) == 1
     import optuna
     study = optuna.load_study(study_name="killed", storage=journal_storage(tmp_path / "killed" / "optuna.journal"))
-    told = [t.state.name for t in study.trials if t.state.is_finished()]
-    assert sorted(told) == sorted(after["status"].map({"completed": "COMPLETE", "stopped early": "PRUNED"}))
+    told = [t.state.name for t in study.trials]  # none left RUNNING
+    # a trial asked just before the kill but not yet in Tune's snapshot is re-asked on resume; its
+    # orphaned Optuna trial is marked failed (at most one per concurrent slot)
+    assert told.count("FAIL") <= 2
+    assert sorted(s for s in told if s != "FAIL") == sorted(
+        after["status"].map({"completed": "COMPLETE", "stopped early": "PRUNED"}))
 
 
 def test_ctrl_c_stops_cleanly_and_writes_the_tables(ray_instance, toy_prepared, tmp_path):
