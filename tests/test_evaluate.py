@@ -61,6 +61,10 @@ def test_prepared_dataset_by_name(model_path, toy_prepared):
     assert m["no_train_copy"]["n"] == 140 - m["no_train_copy"]["dropped_copies"]
     text = evaluation_text(m)
     assert f"accuracy {m['all']['accuracy']:.4f}" in text and "neutral" in text
+    # on train, "no copy in train" means nothing: only the full split is scored
+    m = evaluate_checkpoint(model_path, "fer2013", split="train", data_root=toy_prepared, log=lambda *a: None)
+    assert m["images"] == len(data.load("fer2013", toy_prepared).arrays("train")[1]) and "no_train_copy" not in m
+    assert "no copy in train" not in evaluation_text(m)
 
 
 def test_raw_folder_with_a_missing_and_an_extra_class(model_path, tmp_path):

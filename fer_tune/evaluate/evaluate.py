@@ -44,8 +44,9 @@ class EvalData:
     @classmethod
     def from_prepared(cls, dataset, split: str = "test") -> "EvalData":
         x, y = dataset.arrays(split)
-        return cls(x, y, tuple(dataset.classes), dataset.train_copy[dataset.indices(split)],
-                   name=f"{dataset.name} {split}")
+        # train_copy flags val/test images; on train itself "no copy in train" would be every image
+        copies = None if split == "train" else dataset.train_copy[dataset.indices(split)]
+        return cls(x, y, tuple(dataset.classes), copies, name=f"{dataset.name} {split}")
 
 
 @torch.no_grad()
