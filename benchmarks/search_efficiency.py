@@ -8,7 +8,8 @@ the same max epochs:
   3. random search + ASHA
 
 For each: epochs spent, wall time, best val_acc, and the epochs spent (in report order, over all
-trials) until some trial first reached (2)'s best val_acc. Then the overheads: per-trial time from
+trials) until some trial first reached (2)'s best val_acc; and, from (2)'s full learning curves, how
+well each ASHA rung ranks the trials (Spearman rho against their final best). Then the overheads: per-trial time from
 trial start to its first report (less that epoch's own time) for both executors, and search (1)
 against the same trainings (same configs, same epochs each) in a plain in-process loop.
 
@@ -139,6 +140,51 @@ def compare_searches(space, data: TrainData, storage: Path, common: dict) -> dic
         print(f"{label:<26}{summary.epochs_spent:>8}{wall:>9.0f}{best:>14.4f}{str(reach or 'never'):>26}")
         out[key] = (summary, wall, {"epochs": summary.epochs_spent, "wall_s": round(wall, 1), "best_val_acc": best,
                                     "epochs_to_reach_random_full_best": reach, "counts": summary.counts})
+    fidelity = rung_fidelity(curves(runs["random_full"][0].table),
+                             rungs(space.max_epochs, space.grace_period, space.reduction_factor))
+    out["random_full"][2]["rungs"] = fidelity
+    print("how well ASHA's rungs rank (2)'s trials (Spearman rho of val_acc so far against the final best; "
+          f"where (2)'s best trial stood, ASHA keeps the top 1/{space.reduction_factor}):")
+    for f in fidelity:
+        print(f"  epoch {f['epoch']:>3}: rho {f['rho']:.2f}, (2)'s best ranked {f['best_rank']} of {f['trials']}")
+    return out
+
+
+def rungs(max_t: int, grace: int, rf: int) -> list[int]:
+    """ASHA's rung epochs below max_t: grace, grace * rf, ..."""
+    out, t = [], grace
+    while t < max_t:
+        out.append(t)
+        t *= rf
+    return out
+
+
+def curves(table: pd.DataFrame) -> list[list[float]]:
+    """Each trial's val_acc per epoch, from its result.json (replayed reports left out)."""
+    out = []
+    for trial_dir in table["trial_dir"]:
+        path = Path(trial_dir) / "result.json"
+        if path.is_file():
+            reports = [json.loads(line) for line in path.read_text().splitlines()]
+            out.append([r["val_acc"] for r in sorted(reports, key=lambda r: r["epoch"])
+                        if "val_acc" in r and "epoch" in r and not r.get("replayed")])
+    return out
+
+
+def rung_fidelity(trial_curves: list[list[float]], rung_epochs: list[int]) -> list[dict]:
+    """For trials that ran every epoch (search (2)): at each rung epoch, the Spearman correlation
+    between the best val_acc so far and the final best, and the rank there of the finally best trial.
+    A rung whose rho is near 0 stops trials on noise."""
+    full = [c for c in trial_curves if c and len(c) == max(map(len, trial_curves))]
+    final = pd.Series([max(c) for c in full])
+    best = int(final.idxmax()) if len(final) else 0
+    out = []
+    for epoch in rung_epochs:
+        if not full or epoch > len(full[0]):
+            continue
+        so_far = pd.Series([max(c[:epoch]) for c in full])
+        out.append({"epoch": epoch, "trials": len(full), "rho": float(so_far.rank().corr(final.rank())),
+                    "best_rank": int((so_far > so_far[best]).sum()) + 1})
     return out
 
 

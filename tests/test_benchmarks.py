@@ -59,3 +59,25 @@ def test_a_median_of_never_is_printed_as_never(efficiency, capsys):
 def test_seeds_must_be_positive(efficiency):
     with pytest.raises(SystemExit):
         efficiency.main(["--seeds", "0"])
+
+
+def test_rungs_are_the_asha_milestones_below_max_t(efficiency):
+    assert efficiency.rungs(12, 2, 3) == [2, 6]
+    assert efficiency.rungs(12, 4, 3) == [4]
+    assert efficiency.rungs(30, 1, 2) == [1, 2, 4, 8, 16]
+
+
+def test_rung_fidelity_ranks_the_finally_best_trial_at_each_rung(efficiency):
+    curves = [
+        [0.20, 0.30, 0.50, 0.60],  # the final best: last at epoch 1, second at epoch 2
+        [0.25, 0.35, 0.40, 0.41],
+        [0.30, 0.28, 0.33, 0.34],
+        [0.10, 0.20, 0.30, 0.32],
+        [0.40, 0.42],              # stopped early: not a full curve, left out
+    ]
+    first, second = efficiency.rung_fidelity(curves, [1, 2])
+    assert (first["epoch"], first["trials"], first["best_rank"]) == (1, 4, 3)
+    # ranks (ascending) at epoch 1: 2, 3, 4, 1; final: 4, 3, 2, 1 -> Pearson of ranks 1/5
+    assert first["rho"] == pytest.approx(0.2)
+    # best so far at epoch 2: 0.30, 0.35, 0.30, 0.20 -> ranks 2.5, 4, 2.5, 1 -> 3 / sqrt(4.5 * 5)
+    assert (second["best_rank"], second["rho"]) == (2, pytest.approx(3 / math.sqrt(22.5)))
