@@ -9,9 +9,10 @@ the same max epochs:
 
 For each: epochs spent, wall time, best val_acc, and the epochs spent (in report order, over all
 trials) until some trial first reached (2)'s best val_acc; and, from (2)'s full learning curves, how
-well each ASHA rung ranks the trials (Spearman rho against their final best). Then the overheads: per-trial time from
-trial start to its first report (less that epoch's own time) for both executors, and search (1)
-against the same trainings (same configs, same epochs each) in a plain in-process loop.
+well each ASHA rung ranks the trials (Spearman rho against their final best). Then the overheads:
+per-trial time from trial start to its first report (less that epoch's own time) for both
+executors, and search (1) against the same trainings (same configs, same epochs each) in a plain
+in-process loop.
 
     python benchmarks/search_efficiency.py                               # cnn space, 12 trials x 6 epochs, 10 %
     python benchmarks/search_efficiency.py --space smoke --subset 0.02 --trials 4 --max-epochs 2   # a quick check
@@ -159,28 +160,34 @@ def rungs(max_t: int, grace: int, rf: int) -> list[int]:
     return out
 
 
-def curves(table: pd.DataFrame) -> list[list[float]]:
-    """Each trial's val_acc per epoch, from its result.json (replayed reports left out)."""
+def trial_reports(table: pd.DataFrame) -> list[list[dict]]:
+    """Each trial's epoch reports (those with epoch and val_acc), from its result.json."""
     out = []
     for trial_dir in table["trial_dir"]:
         path = Path(trial_dir) / "result.json"
         if path.is_file():
-            reports = [json.loads(line) for line in path.read_text().splitlines()]
-            out.append([r["val_acc"] for r in sorted(reports, key=lambda r: r["epoch"])
-                        if "val_acc" in r and "epoch" in r and not r.get("replayed")])
+            reports = (json.loads(line) for line in path.read_text().splitlines())
+            out.append([r for r in reports if "epoch" in r and "val_acc" in r])
     return out
+
+
+def curves(table: pd.DataFrame) -> list[list[float]]:
+    """Each trial's val_acc per epoch (replayed reports left out)."""
+    return [[r["val_acc"] for r in sorted(reports, key=lambda r: r["epoch"]) if not r.get("replayed")]
+            for reports in trial_reports(table)]
 
 
 def rung_fidelity(trial_curves: list[list[float]], rung_epochs: list[int]) -> list[dict]:
     """For trials that ran every epoch (search (2)): at each rung epoch, the Spearman correlation
     between the best val_acc so far and the final best, and the rank there of the finally best trial.
     A rung whose rho is near 0 stops trials on noise."""
-    full = [c for c in trial_curves if c and len(c) == max(map(len, trial_curves))]
+    longest = max(map(len, trial_curves), default=0)
+    full = [c for c in trial_curves if c and len(c) == longest]
     final = pd.Series([max(c) for c in full])
-    best = int(final.idxmax()) if len(final) else 0
+    best = int(final.idxmax()) if full else 0
     out = []
     for epoch in rung_epochs:
-        if not full or epoch > len(full[0]):
+        if not full or epoch > longest:
             continue
         so_far = pd.Series([max(c[:epoch]) for c in full])
         out.append({"epoch": epoch, "trials": len(full), "rho": float(so_far.rank().corr(final.rank())),
@@ -216,14 +223,8 @@ def summarize(per_seed: dict, goal: float = 0.4) -> dict:
 
 def epochs_to_reach(table: pd.DataFrame, target: float) -> int | None:
     """Epochs spent over all trials, in the order they were reported, until one reached `target`."""
-    reports = []
-    for trial_dir in table["trial_dir"]:
-        path = Path(trial_dir) / "result.json"
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                r = json.loads(line)
-                if "epoch" in r and "val_acc" in r:
-                    reports.append((r.get("timestamp", 0), r.get("time_total_s", 0), r["val_acc"]))
+    reports = [(r.get("timestamp", 0), r.get("time_total_s", 0), r["val_acc"])
+               for trial in trial_reports(table) for r in trial]
     for count, (_, _, acc) in enumerate(sorted(reports), start=1):
         if acc >= target - 1e-12:
             return count
