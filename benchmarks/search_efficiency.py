@@ -6,6 +6,7 @@ the same max epochs:
   1. Optuna TPE + ASHA        (what `fer-tune search` does)
   2. random search, no early stopping (every trial trains max_epochs)
   3. random search + ASHA
+  4. (with --promotion-window N) Optuna TPE + ASHA whose bar at a rung is the last N trials there
 
 For each: epochs spent, wall time, best val_acc, and the epochs spent (in report order, over all
 trials) until some trial first reached (2)'s best val_acc; and, from (2)'s full learning curves, how
@@ -47,6 +48,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-epochs", type=int, default=6)
     ap.add_argument("--grace-period", type=int, default=1)
     ap.add_argument("--reduction-factor", type=int, default=2)
+    ap.add_argument("--promotion-window", type=int, default=0,
+                    help="N > 0: add search (4), TPE + ASHA with its bar over the last N results at a rung")
+    ap.add_argument("--searches", default="",
+                    help="comma-separated subset of tpe_asha,random_full,random_asha,tpe_recent (default: all; "
+                         "random_full is always run: its best is the target)")
     ap.add_argument("--executor", default="direct", choices=["train", "direct"], help="for the three searches")
     ap.add_argument("--concurrency", type=int)
     ap.add_argument("--num-cpus", type=int)
@@ -61,6 +67,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error(f"--seeds {args.seeds}: must be >= 1")
+    keys = [key for key, *_ in SEARCHES if key != "tpe_recent" or args.promotion_window]
+    if args.searches:
+        unknown = sorted(set(args.searches.split(",")) - set(keys))
+        if unknown:
+            ap.error(f"--searches: unknown {', '.join(unknown)}; choose from {', '.join(keys)}")
+        keys = [key for key in keys if key in args.searches.split(",") or key == "random_full"]
 
     dataset = datasets.load(args.dataset, args.data_root)
     data = TrainData.from_prepared(dataset, subset=args.subset, seed=args.seed)
@@ -81,7 +93,8 @@ def main(argv=None) -> int:
         for seed in seeds:
             if len(seeds) > 1:
                 print(f"\nsearch seed {seed}:", flush=True)
-            per_seed[seed] = compare_searches(space, data, storage, {**common, "seed": seed})
+            per_seed[seed] = compare_searches(space, data, storage, {**common, "seed": seed}, keys,
+                                              args.promotion_window)
             figures[f"seed_{seed}"] = {key: fig for key, (_, _, fig) in per_seed[seed].items()}
         if len(seeds) > 1:
             figures["summary"] = summarize(per_seed)
@@ -99,7 +112,7 @@ def main(argv=None) -> int:
                 print(f"  {executor:<7} {med:6.1f} s   (each: {', '.join(f'{s:.1f}' for s in startup)})", flush=True)
                 figures[f"startup_{executor}_s"] = med
 
-            summary, wall = runs["tpe_asha"]
+            summary, wall = runs.get("tpe_asha") or runs["random_full"]
             plain = plain_loop(space, summary, data, args.seed)
             conc = int(summary_concurrency(storage / summary.name)) or 1
             ideal = plain / conc
@@ -118,16 +131,22 @@ def main(argv=None) -> int:
 
 SEARCHES = (("tpe_asha", "(1) Optuna TPE + ASHA", "tpe", True),
             ("random_full", "(2) random, no early stop", "random", False),
-            ("random_asha", "(3) random + ASHA", "random", True))
+            ("random_asha", "(3) random + ASHA", "random", True),
+            ("tpe_recent", "(4) TPE + recent-N ASHA", "tpe", True))
 
 
-def compare_searches(space, data: TrainData, storage: Path, common: dict) -> dict:
-    """The three searches with one search seed: {key: (summary, wall_s, figures)}, and their table."""
+def compare_searches(space, data: TrainData, storage: Path, common: dict, keys=None, window: int = 0) -> dict:
+    """The searches (`keys`, default (1)-(3)) with one search seed: {key: (summary, wall_s, figures)},
+    and their table. (4) is (1) with `promotion_window=window`."""
+    keys = keys or [key for key, *_ in SEARCHES[:3]]
     runs = {}
     for key, _, sampler, asha in SEARCHES:
+        if key not in keys:
+            continue
         t0 = time.time()
         summary = run_search(space, data, name=f"{key}-s{common['seed']}-{int(t0)}", sampler=sampler,
-                             early_stopping=asha, **common)
+                             early_stopping=asha, promotion_window=window if key == "tpe_recent" else None,
+                             **common)
         runs[key] = (summary, time.time() - t0)
         print(f"  {key}: {summary.epochs_spent} epochs, {runs[key][1]:.0f} s, best val_acc "
               f"{summary.best.get('best_val_acc') if summary.best else float('nan'):.4f}", flush=True)
@@ -135,6 +154,8 @@ def compare_searches(space, data: TrainData, storage: Path, common: dict) -> dic
     print(f"\n{'search':<26}{'epochs':>8}{'wall s':>9}{'best val_acc':>14}{'epochs to reach ' + format(target, '.4f'):>26}")
     out = {}
     for key, label, _, _ in SEARCHES:
+        if key not in runs:
+            continue
         summary, wall = runs[key]
         reach = epochs_to_reach(summary.table, target)
         best = summary.best["best_val_acc"] if summary.best else float("nan")
@@ -202,6 +223,8 @@ def summarize(per_seed: dict, goal: float = 0.4) -> dict:
     print(f"{'search':<26}{'epochs':>8}{'wall s':>9}{'best val_acc':>14}{'reached (2)':>13}{'share of (2) epochs':>21}")
     out = {}
     for key, label, _, _ in SEARCHES:
+        if key not in next(iter(per_seed.values())):
+            continue
         figs = [runs[key][2] for runs in per_seed.values()]
         full = [runs["random_full"][2]["epochs"] for runs in per_seed.values()]
         shares = [f["epochs_to_reach_random_full_best"] / n if f["epochs_to_reach_random_full_best"] else float("inf")
@@ -216,8 +239,9 @@ def summarize(per_seed: dict, goal: float = 0.4) -> dict:
         share = "never" if med_share == float("inf") else f"{med_share:.0%}"
         print(f"{label:<26}{out[key]['epochs']:>8g}{out[key]['wall_s']:>9.0f}{out[key]['best_val_acc']:>14.4f}"
               f"{out[key]['reached']:>9}/{len(figs):<3}{share:>21}")
-    print(f"goal: (1) reaches (2)'s best with <= {goal:.0%} of (2)'s epochs: in {out['tpe_asha']['within_goal']} of "
-          f"{len(per_seed)} seeds (random + ASHA: {out['random_asha']['within_goal']})")
+    labels = {key: label.split()[0] for key, label, _, _ in SEARCHES}
+    within = ", ".join(f"{labels[key]} in {fig['within_goal']}" for key, fig in out.items() if key != "random_full")
+    print(f"goal: reach (2)'s best with <= {goal:.0%} of (2)'s epochs: {within} of {len(per_seed)} seeds")
     return out
 
 

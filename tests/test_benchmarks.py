@@ -45,7 +45,21 @@ def test_summary_counts_each_seed_against_its_own_random_search(efficiency, caps
     assert (tpe["reached"], tpe["within_goal"]) == (2, 1)
     assert (out["random_asha"]["reached"], out["random_asha"]["within_goal"]) == (2, 0)
     printed = capsys.readouterr().out
-    assert "in 1 of 3 seeds" in printed and "50%" in printed
+    assert "(1) in 1, (3) in 0 of 3 seeds" in printed and "50%" in printed
+
+
+def test_the_windowed_search_is_summarized_beside_the_others_and_searches_can_be_chosen(efficiency, capsys):
+    per_seed = {0: {**_seed(_fig(80, 0.45, 70), _fig(200, 0.44, 150), _fig(90, 0.44, 85)),
+                    "tpe_recent": (None, 0, _fig(60, 0.45, 40))}}
+    out = efficiency.summarize(per_seed)
+    assert out["tpe_recent"]["share_of_random_full_epochs"] == [0.2] and out["tpe_recent"]["within_goal"] == 1
+    printed = capsys.readouterr().out
+    assert "(4) TPE + recent-N ASHA" in printed and "(4) in 1 of 1 seeds" in printed
+    out = efficiency.summarize({0: {"random_full": (None, 0, _fig(200, 0.44, 150)),
+                                    "tpe_recent": (None, 0, _fig(60, 0.45, 90))}})
+    assert set(out) == {"random_full", "tpe_recent"}
+    with pytest.raises(SystemExit):  # (4) needs its window
+        efficiency.main(["--searches", "tpe_recent"])
 
 
 def test_a_median_of_never_is_printed_as_never(efficiency, capsys):

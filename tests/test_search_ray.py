@@ -47,9 +47,10 @@ def tiny_data():
 
 
 def test_train_executor_asha_search_frees_every_placement_group(ray_instance, tiny_data, tmp_path):
-    """8 trials, each a Ray Train run, 2 at a time on 2 CPUs, ASHA stopping some: the search
-    finishes (no worker group waits for leaked CPUs) and leaves no placement group or cleaner."""
-    space = parse_space({"max_epochs": 3, "grace_period": 1, "reduction_factor": 2, **TINY,
+    """8 trials, each a Ray Train run, 2 at a time on 2 CPUs, ASHA stopping some (its bar over the
+    last 4 results at a rung): the search finishes (no worker group waits for leaked CPUs) and
+    leaves no placement group or cleaner."""
+    space = parse_space({"max_epochs": 3, "grace_period": 1, "reduction_factor": 2, "promotion_window": 4, **TINY,
                          "lr": {"loguniform": [1e-4, 3e-2]}, "optimizer": {"choice": ["adamw", "sgd"]},
                          "momentum": {"uniform": [0.8, 0.95], "when": {"optimizer": "sgd"}}}, name="tiny")
     summary = run_search(space, tiny_data, trials=8, concurrency=2, storage=tmp_path, name="asha", seed=1,
@@ -68,6 +69,7 @@ def test_train_executor_asha_search_frees_every_placement_group(ray_instance, ti
     assert list(saved["trial_id"]) == list(table["trial_id"])
     record = yaml.safe_load((exp / "search.yaml").read_text())
     assert record["status"] == "finished" and record["space"]["params"]["optimizer"]["choice"] == ["adamw", "sgd"]
+    assert record["space"]["promotion_window"] == 4
     assert record["versions"]["ray"] and record["dataset"]["train_images"] == 256
     assert sorted(p.name for p in (exp / "train_runs").iterdir()) == sorted(table["trial_id"])
     assert not [p for p in (exp / "train_runs").glob("*/checkpoint_*") if p.is_dir()]  # deleted when finished

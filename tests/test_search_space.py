@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from fer_tune.errors import UserError
-from fer_tune.search.space import list_spaces, load_space, parse_space
+from fer_tune.search.space import list_spaces, load_space, parse_space, space_from_record
 from fer_tune.train import TrainConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -133,6 +133,8 @@ def test_budget_metric_and_mode():
     ({"mode": "maximise"}, r"mode 'maximise' must be min or max"),
     ({"reduction_factor": 1}, r"reduction_factor must be >= 2"),
     ({"max_epochs": 0}, r"max_epochs must be a whole number >= 1"),
+    ({"promotion_window": -1}, r"promotion_window must be a whole number >= 0"),
+    ({"promotion_window": 1}, r"promotion_window \(1\) must be 0 \(all results\) or at least reduction_factor \(2\)"),
 ])
 def test_invalid_spaces_name_the_problem_and_what_is_valid(raw, message):
     with pytest.raises(UserError, match=message):
@@ -181,6 +183,47 @@ def test_startup_points_try_every_architecture_first():
         space.trial_config(values, seed=0)  # a valid training config
         study.tell(trial, 0.5)
     assert models == ["vgg_fer_s", "cnn4_l2", "simple_cnn"]
+
+
+def test_a_space_comes_back_from_its_search_record():
+    space = parse_space({**BASE, "promotion_window": 4, "lr": {"loguniform": [1e-4, 1e-2]}}, name="rec")
+    assert parse_space(BASE).promotion_window == 0  # Ray's ASHA unless a space asks
+    back = space_from_record(space.to_dict())
+    assert back.to_dict() == space.to_dict() and back.promotion_window == 4
+    old = {k: v for k, v in space.to_dict().items() if k != "promotion_window"}  # a record from before the key
+    assert space_from_record(old).promotion_window == 0
+
+
+def _asha_decisions(scheduler, results):
+    """Feed (trial, epoch, val_acc) results to a Tune scheduler; the trials it stopped."""
+    from types import SimpleNamespace
+
+    scheduler.set_search_properties("val_acc", "max")
+    trials, stopped = {}, []
+    for name, epoch, acc in results:
+        if name not in trials:
+            trials[name] = SimpleNamespace(trial_id=name)
+            scheduler.on_trial_add(None, trials[name])
+        if scheduler.on_trial_result(None, trials[name], {"epoch": epoch, "val_acc": acc}) == "STOP":
+            stopped.append(name)
+    return stopped
+
+
+def test_recent_asha_keeps_its_bar_where_the_sampler_is_now():
+    """An improving sampler: Ray's ASHA measures each trial at the 2-epoch rung against every
+    earlier one and promotes all the later, better trials; with a window of the last 3 results only
+    those among the best third of their neighbours go on."""
+    from fer_tune.search.tuner import RecentASHA, make_scheduler
+
+    space = parse_space({**BASE, "max_epochs": 8, "grace_period": 2})
+    rung = [("a", 0.20), ("b", 0.24), ("c", 0.21), ("d", 0.30), ("e", 0.31), ("f", 0.29), ("g", 0.33), ("h", 0.26)]
+    results = [(name, 2, acc) for name, acc in rung]
+    assert _asha_decisions(make_scheduler(space), results) == ["c", "h"]  # below the median of all before
+    windowed = make_scheduler(space.with_budget(promotion_window=3))
+    assert isinstance(windowed, RecentASHA)
+    # d beats all three before it; f loses to d and e; h to e, f and g
+    assert _asha_decisions(windowed, results) == ["c", "f", "h"]
+    assert _asha_decisions(make_scheduler(space.with_budget(promotion_window=8)), results) == ["c", "h"]
 
 
 def test_tpe_models_the_best_quarter_as_good_and_starts_with_a_third_at_random():

@@ -121,12 +121,9 @@ def _config_of(exp: Experiment, row: dict) -> TrainConfig:
     params = _params_of(row)
     space = (exp.record.get("space") or {})
     if space.get("params"):
-        from fer_tune.search.space import parse_space
+        from fer_tune.search.space import space_from_record
 
-        raw = {k: space[k] for k in ("metric", "mode", "trials", "max_epochs", "grace_period", "reduction_factor")
-               if k in space}
-        raw.update(space["params"])
-        parsed = parse_space(raw, name=space.get("name", exp.name), source=str(exp.path / "search.yaml"))
+        parsed = space_from_record({"name": exp.name, **space}, source=str(exp.path / "search.yaml"))
         # Fixed values of the space are not columns of every table version: add them first.
         values = {name: p.args for name, p in parsed.params.items() if p.fixed and p.active(params)}
         values.update({k: parsed.params[k].from_table(v) for k, v in params.items() if k in parsed.params})

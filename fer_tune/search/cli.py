@@ -24,6 +24,9 @@ def add_commands(sub, data_root_flag) -> None:
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that survives every rung (ASHA max_t)")
     p.add_argument("--grace-period", type=int, help="epochs every trial gets before ASHA may stop it")
     p.add_argument("--reduction-factor", type=int, help="ASHA keeps 1/reduction_factor of the trials at each rung")
+    p.add_argument("--promotion-window", type=int,
+                   help="ASHA's bar at a rung: the best 1/reduction_factor of the last N trials there (default: the "
+                        "space's, 0 = of all trials, Ray's ASHA)")
     p.add_argument("--metric", help="metric to optimise (default: the space's, val_acc)")
     p.add_argument("--mode", choices=["max", "min"], help="default: from the space, or min for losses")
     p.add_argument("--dataset", default="fer2013", help="prepared dataset name or path (default fer2013)")
@@ -83,9 +86,9 @@ def cmd_search(args) -> None:
     flags = {k: v for k, v in vars(args).items() if k != "func"}
     summary = run_search(
         space, args.dataset, trials=args.trials, max_epochs=args.max_epochs, grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor, metric=args.metric, mode=args.mode, subset=args.subset,
-        storage=args.storage, name=args.name, address=args.address, executor=args.executor,
-        workers_per_trial=args.workers_per_trial, cpus_per_trial=args.cpus_per_trial,
+        reduction_factor=args.reduction_factor, promotion_window=args.promotion_window, metric=args.metric,
+        mode=args.mode, subset=args.subset, storage=args.storage, name=args.name, address=args.address,
+        executor=args.executor, workers_per_trial=args.workers_per_trial, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, concurrency=args.concurrency, seed=args.seed, resume=args.resume,
         retry_failed=args.retry_failed, max_failures=args.max_failures, data_root=args.data_root,
         num_cpus=args.num_cpus, progress=not args.quiet, sampler=args.sampler,

@@ -11,6 +11,7 @@ A file is one flat mapping (see search_spaces/README.md):
     max_epochs: 30                 # the budget: ASHA's max_t, grace period and reduction factor
     grace_period: 3
     reduction_factor: 3
+    promotion_window: 0            # ASHA's bar: all results at a rung (0), or the last N
     model: {choice: [simple_cnn, vgg_fer]}
     model_kwargs.width: {choice: [0.5, 1.0], when: {model: vgg_fer}}
     lr: {loguniform: [1.0e-4, 1.0e-2]}
@@ -39,8 +40,9 @@ from fer_tune.train.report import METRIC_NAMES
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = ("choice", "uniform", "loguniform", "int", "quniform", "value")
-BUDGET_KEYS = ("max_epochs", "grace_period", "reduction_factor")
+BUDGET_KEYS = ("max_epochs", "grace_period", "reduction_factor", "promotion_window")
 META_KEYS = ("description", "metric", "mode", "trials") + BUDGET_KEYS
+RECORD_KEYS = tuple(k for k in META_KEYS if k != "description")  # what search.yaml keeps of a space
 # Set by the search itself, never by a space.
 RESERVED = {"epochs": "set by max_epochs (ASHA stops trials early)", "time_budget": "ASHA sizes the budget",
             "subset": "use `fer-tune search --subset`"}
@@ -115,6 +117,7 @@ class SearchSpace:
     max_epochs: int = 20
     grace_period: int = 2
     reduction_factor: int = 3
+    promotion_window: int = 0  # 0: ASHA's cut over all results at a rung; N: over the last N (tuner.RecentASHA)
     trials: int = 20
     description: str = ""
     source: str = ""
@@ -159,7 +162,8 @@ class SearchSpace:
         """The resolved space as plain data (written to search.yaml)."""
         out: dict[str, Any] = {"name": self.name, "source": self.source, "metric": self.metric, "mode": self.mode,
                                "max_epochs": self.max_epochs, "grace_period": self.grace_period,
-                               "reduction_factor": self.reduction_factor, "trials": self.trials, "params": {}}
+                               "reduction_factor": self.reduction_factor, "promotion_window": self.promotion_window,
+                               "trials": self.trials, "params": {}}
         for p in self.params.values():
             entry: dict[str, Any] = {p.kind: p.args}
             if p.when:
@@ -212,6 +216,14 @@ def load_space(name_or_path: str | Path, directory: Path = SPACES_DIR) -> Search
     return parse_space(raw, name=path.stem, source=str(path))
 
 
+def space_from_record(saved: dict, source: str = "") -> SearchSpace:
+    """The space a search ran with, from the `space` entry of its search.yaml (SearchSpace.to_dict);
+    records written before a key existed get its default."""
+    raw = {k: saved[k] for k in RECORD_KEYS if k in saved}
+    raw.update(saved["params"])
+    return parse_space(raw, name=saved.get("name", "space"), source=source or saved.get("source", ""))
+
+
 def parse_space(raw: Any, name: str = "space", source: str = "") -> SearchSpace:
     """Build and validate a SearchSpace from the mapping of a YAML file."""
     where = source or f"search space {name}"
@@ -252,10 +264,15 @@ def _check_meta(space: SearchSpace, where: str) -> None:
         raise UserError(f"{where}: mode {space.mode!r} must be min or max")
     for key in BUDGET_KEYS + ("trials",):
         value = getattr(space, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{where}: {key} must be a whole number >= 1, got {value!r}")
+        least = 0 if key == "promotion_window" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"{where}: {key} must be a whole number >= {least}, got {value!r}")
     if space.reduction_factor < 2:
         raise UserError(f"{where}: reduction_factor must be >= 2, got {space.reduction_factor}")
+    if 0 < space.promotion_window < space.reduction_factor:
+        raise UserError(f"{where}: promotion_window ({space.promotion_window}) must be 0 (all results) or at least "
+                        f"reduction_factor ({space.reduction_factor}): ASHA keeps the best 1/{space.reduction_factor} "
+                        "of the window")
     if space.grace_period > space.max_epochs:
         raise UserError(f"{where}: grace_period ({space.grace_period}) exceeds max_epochs ({space.max_epochs})")
 

@@ -32,7 +32,7 @@ from fer_tune.search import results
 from fer_tune.search import storage as storage_mod
 from fer_tune.search.callbacks import CheckpointCleanup, TablesCallback, TensorBoardCallback
 from fer_tune.search.storage import experiment_folder, local_cache
-from fer_tune.search.space import SearchSpace, load_space, parse_space
+from fer_tune.search.space import SearchSpace, load_space, space_from_record
 from fer_tune.search.trainable import TrialSetup, direct_trial, train_trial
 from fer_tune.train.loop import TrainData
 
@@ -88,6 +88,7 @@ class SearchSummary:
 
 def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int | None = None,
                max_epochs: int | None = None, grace_period: int | None = None, reduction_factor: int | None = None,
+               promotion_window: int | None = None,
                metric: str | None = None, mode: str | None = None, subset: float = 1.0,
                storage: str | Path = "results", name: str | None = None, address: str | None = None,
                executor: str = "train", workers_per_trial: int = 1, cpus_per_trial: float = 1.0,
@@ -131,8 +132,8 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
             data = record["dataset"]["name"]
     else:
         space = load_space(space) if isinstance(space, (str, Path)) else space
-        space = space.with_budget(max_epochs=max_epochs, grace_period=grace_period,
-                                  reduction_factor=reduction_factor, metric=metric, mode=mode)
+        space = space.with_budget(max_epochs=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor,
+                                  promotion_window=promotion_window, metric=metric, mode=mode)
         trials = trials or space.trials
         name = _experiment_name(name, space, storage, resume=False)
         local_dir = experiment_folder(storage, name)
@@ -238,7 +239,7 @@ def _tuner(trainable, space: SearchSpace, setup: TrialSetup, *, name, storage, t
            early_stopping=True, keep_checkpoints=False):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     callbacks = [tables, TensorBoardCallback(space.metric, space.searched()), CSVLoggerCallback(), JsonLoggerCallback()]
     local = experiment_folder(storage, name)
@@ -268,10 +269,7 @@ def _tuner(trainable, space: SearchSpace, setup: TrialSetup, *, name, storage, t
                                    sampler=make_sampler(seed, trials, sampler), study_name=name,
                                    journal=str(journal), points_to_evaluate=space.startup_points(trials),
                                    max_epochs=space.max_epochs)
-    scheduler = FIFOScheduler()
-    if early_stopping:
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
-                                  reduction_factor=space.reduction_factor)
+    scheduler = make_scheduler(space) if early_stopping else FIFOScheduler()
     run_config = tune.RunConfig(
         name=name, storage_path=storage, callbacks=callbacks, progress_reporter=reporter, verbose=1 if progress else 0,
         failure_config=failure_config, checkpoint_config=tune.CheckpointConfig(num_to_keep=setup.num_to_keep))
@@ -341,6 +339,52 @@ def journal_storage(path: str | Path):
     import optuna
 
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def make_scheduler(space: SearchSpace):
+    """ASHA on `epoch` with the space's budget: Ray's, or with `promotion_window` N, RecentASHA."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    budget = dict(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
+                  reduction_factor=space.reduction_factor)
+    if space.promotion_window:
+        return RecentASHA(window=space.promotion_window, **budget)
+    return ASHAScheduler(**budget)
+
+
+def _asha_classes():
+    from ray.tune.schedulers.async_hyperband import AsyncHyperBandScheduler, _Bracket
+
+    return AsyncHyperBandScheduler, _Bracket
+
+
+class _RecentBracket(_asha_classes()[1]):
+    """Ray's ASHA bracket, its cut at each rung taken over the last `window` results that reached
+    the rung instead of all of them (Ray keeps them in arrival order)."""
+
+    def __init__(self, *args, window: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.window = window
+
+    def cutoff(self, recorded):
+        return super().cutoff(dict(list(recorded.items())[-self.window:]))
+
+
+class RecentASHA(_asha_classes()[0]):
+    """ASHA whose bar at a rung is the best 1/reduction_factor of the last `window` trials that
+    reached it, not of every trial so far.
+
+    Ray's ASHA promotes a trial that beats (1 - 1/rf) of all earlier results at the rung. That is
+    the paper's rule, and sound for a sampler that does not learn (random search). TPE does learn:
+    its start-up trials, drawn at random, set a low bar, and its later proposals clear it, so ASHA
+    lets most of them run the full budget (README, search efficiency: 20 of 32 trials promoted from
+    a 4-epoch rung). A window of the recent results keeps the bar where the sampler is now."""
+
+    def __init__(self, *, window: int, **kwargs):
+        super().__init__(**kwargs)
+        self._brackets = [_RecentBracket(kwargs["grace_period"], kwargs["max_t"], kwargs["reduction_factor"], s,
+                                         window=window, stop_last_trials=self._stop_last_trials)
+                          for s in range(len(self._brackets))]
 
 
 def _searcher_class():
@@ -454,10 +498,7 @@ def _read_record(folder: Path, storage: str, name: str) -> dict:
 
 def _saved_search(record: dict) -> tuple[SearchSpace, dict]:
     """The resolved space and the flags a search was started with (from its search.yaml)."""
-    saved = record["space"]
-    raw = {k: saved[k] for k in ("metric", "mode", "trials", "max_epochs", "grace_period", "reduction_factor")}
-    raw.update(saved["params"])
-    return parse_space(raw, name=saved["name"], source=saved.get("source", "")), record["flags"]
+    return space_from_record(record["space"]), record["flags"]
 
 
 def _experiment_name(name: str | None, space: SearchSpace | None, storage: str, resume: bool) -> str:
