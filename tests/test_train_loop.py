@@ -180,6 +180,21 @@ def test_a_slow_first_epoch_does_not_collapse_the_schedule(toy_data):
     assert min(lrs[:-1]) > 0.01 * max(lrs)  # no epoch trained at ~zero learning rate before the end
 
 
+def test_a_run_that_reached_its_planned_end_is_not_stretched_again(toy_data, monkeypatch):
+    """The machine speeds up during the planned last epoch: the cosine schedule has annealed to ~0
+    there, so the run ends instead of restarting the learning rate for the time left."""
+    import fer_tune.train.loop as loop
+
+    plans = {1: 3, 2: 3, 3: 5}  # after epoch n, the epochs that would fit at the recent pace
+    monkeypatch.setattr(loop, "_replan_for_budget", lambda cfg, history, start, schedule:
+                        schedule.resize(plans[len(history)]))
+    rep = MemoryReporter()
+    result = fit(TrainConfig(**{**FAST, "epochs": 1000, "time_budget": 60.0}), toy_data, rep)
+    lrs = [h["lr"] for h in rep.history]
+    assert result.epochs_run == result.config.epochs == 3
+    assert lrs[-1] < 1e-6 * max(lrs) and min(lrs[:-1]) > 0.1 * max(lrs)
+
+
 def test_ema_weights_are_the_ones_scored_saved_and_selected(toy_data, tmp_path):
     cfg = TrainConfig(**{**FAST, "epochs": 3, "ema": 0.99})
     result = fit(cfg, toy_data, RunFolderReporter(tmp_path, progress=False, tensorboard=False))

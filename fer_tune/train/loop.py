@@ -259,7 +259,9 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
             if cfg.early_stop_patience and since_best >= cfg.early_stop_patience:
                 stop_reason = "early_stopped"
                 break
-            if cfg.time_budget > 0 and resume is None:
+            # Re-plan while epochs are left: the last planned epoch has annealed the schedule to its
+            # end, and stretching it then would restart the learning rate from ~0 (a warm restart).
+            if cfg.time_budget > 0 and resume is None and epoch < cfg.epochs:
                 planned = _replan_for_budget(cfg, history, run_start, schedule)
                 if planned != cfg.epochs:
                     cfg = cfg.replace(epochs=planned)
