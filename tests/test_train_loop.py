@@ -50,6 +50,15 @@ def test_run_folder_and_checkpoint_round_trip(toy_data, tmp_path):
     assert acc == pytest.approx(result.best["val_acc"], abs=0.02)  # bf16 vs fp32 inference
 
 
+def test_no_progress_bar_redraws_when_output_is_not_a_terminal(toy_data, tmp_path, capsys):
+    """With output going to a file (pytest captures it, as `nohup ... > log` would), the epoch
+    lines are printed and the per-batch bar is not (its redraws would fill the log)."""
+    fit(TrainConfig(**{**FAST, "epochs": 2}), toy_data, RunFolderReporter(tmp_path, progress=True, tensorboard=False))
+    out, err = capsys.readouterr()
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch")] == ["1/2", "2/2"]
+    assert "batch/s" not in out + err and "\r" not in out + err
+
+
 def test_checkpoint_loading_refuses_arbitrary_pickles(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -94,8 +94,10 @@ class RunFolderReporter(Reporter):
             return
         from tqdm import tqdm
 
+        # disable=None: no bar when stderr is not a terminal (a log file, `nohup`, `ray job`), where every
+        # redraw would be written out; the epoch lines are printed either way.
         self._bar = tqdm(total=self.info["steps_per_epoch"], desc=f"epoch {epoch}/{self.info['epochs']}",
-                         unit="batch", leave=False, dynamic_ncols=True)
+                         unit="batch", leave=False, dynamic_ncols=True, disable=None)
 
     def step(self, loss=None) -> None:
         if self._bar is not None:
