@@ -16,6 +16,30 @@ def batch(n=16, c=1, h=48, w=48, seed=0):
     return torch.rand((n, c, h, w), generator=g)
 
 
+# -- optimizers ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "adagrad", "rmsprop"])
+def test_optimizers_use_the_fused_kernel_where_torch_has_one_with_the_same_steps(name, monkeypatch):
+    from fer_tune.models import create_model
+    from fer_tune.train import optim
+
+    cfg = TrainConfig(optimizer=name, lr=1e-2, weight_decay=0.01, momentum=0.9)
+    models = [create_model("simple_cnn", width=0.25) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fast = optim.make_optimizer(models[0], cfg)
+    monkeypatch.setattr(optim, "FUSED", ())
+    plain = optim.make_optimizer(models[1], cfg)
+    assert bool(fast.defaults.get("fused")) == (name != "rmsprop") and not plain.defaults.get("fused")
+    # One step from the same weights and gradients: the same update rule. (Over several steps Adam
+    # amplifies rounding differences of near-zero gradients into +-lr, whichever kernel runs.)
+    x, y = batch(8), torch.randint(0, 7, (8,), generator=torch.Generator().manual_seed(0))
+    for model, opt in zip(models, (fast, plain)):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # -- config ----------------------------------------------------------------------------------
 
 def test_config_rejects_unknown_key_listing_valid_ones():

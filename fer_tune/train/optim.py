@@ -16,21 +16,31 @@ import torch
 from fer_tune.train.config import TrainConfig
 
 
+# Optimizers with a fused kernel (one pass over all parameters) on these devices. On the CPU the
+# default per-tensor loop made AdamW's step 3-4x slower (2.2 ms against 0.7 ms for vgg_fer_s, 9.4
+# against 2.1 ms with its 1024-wide head, one thread): a few percent of a training step at batch 64.
+FUSED = ("adam", "adamw", "sgd", "adagrad")
+FUSED_DEVICES = ("cpu", "cuda")
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    devices = {p.device.type for p in decay + no_decay}
+    fused = {"fused": True} if cfg.optimizer in FUSED and devices <= set(FUSED_DEVICES) else {}
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
+        return torch.optim.Adam(groups, lr=cfg.lr, **fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               **fused)
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer == "adagrad":
-        return torch.optim.Adagrad(groups, lr=cfg.lr)
+        return torch.optim.Adagrad(groups, lr=cfg.lr, **fused)
     raise ValueError(cfg.optimizer)
 
 
