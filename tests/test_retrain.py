@@ -136,6 +136,30 @@ def test_table_values_come_back_in_the_space_types(toy_fer, tmp_path):
     create_model(ranked[1].config.model, **ranked[1].config.model_kwargs)  # raised on 128.0 before
 
 
+def test_ranked_configs_resolve_each_trials_alternative(toy_fer, tmp_path):
+    """A key with one distribution (or fixed value) per condition: a table without the fixed
+    values' columns gets each trial's own branch back."""
+    data_root, ds = toy_fer
+    exp_dir = tmp_path / "alt"
+    exp_dir.mkdir()
+    params = {**SPACE["params"], "aug_strength": [{"value": 0.0, "when": {"model": "mlp"}},
+                                                  {"value": 0.3, "when": {"model": "simple_cnn"}}],
+              "lr": [{"loguniform": [1.0e-3, 3.0e-3], "when": {"model": "mlp"}},
+                     {"loguniform": [1.0e-2, 3.0e-2], "when": {"model": "simple_cnn"}}]}
+    (exp_dir / "search.yaml").write_text(yaml.safe_dump({"name": "alt", "space": {**SPACE, "params": params},
+                                                         "flags": {"seed": 0},
+                                                         "dataset": {"name": ds.name, "sha256": ds.sha256}},
+                                                        sort_keys=False))  # as search writes it: conditions after their keys
+    rows = [{"trial_id": "a", "status": "completed", "epochs": 1, "model": "mlp", "model_kwargs.hidden": "[64]",
+             "model_kwargs.width": None, "lr": 0.002, "batch_size": 64, "best_val_acc": 0.9},
+            {"trial_id": "b", "status": "completed", "epochs": 1, "model": "simple_cnn", "model_kwargs.hidden": None,
+             "model_kwargs.width": 0.25, "lr": 0.02, "batch_size": 64, "best_val_acc": 0.8}]
+    pd.DataFrame(rows).to_csv(exp_dir / "trials.csv", index=False)
+    first, second = read_experiment(exp_dir).ranked(2)
+    assert (first.config.model, first.config.aug_strength, first.config.lr) == ("mlp", 0.0, 0.002)
+    assert (second.config.model, second.config.aug_strength, second.config.lr) == ("simple_cnn", 0.3, 0.02)
+
+
 def test_table_integers_come_back_whole_without_a_space(toy_fer, tmp_path):
     """With no space in search.yaml the table's columns are config keys as they are; a column some rows
     leave empty is float (fc 128.0), and integers must come back whole for the models."""

@@ -49,9 +49,11 @@ def tiny_data():
 def test_train_executor_asha_search_frees_every_placement_group(ray_instance, tiny_data, tmp_path):
     """8 trials, each a Ray Train run, 2 at a time on 2 CPUs, ASHA stopping some (its bar over the
     last 4 results at a rung): the search finishes (no worker group waits for leaked CPUs) and
-    leaves no placement group or cleaner."""
+    leaves no placement group or cleaner. The learning rate has one range per optimizer."""
+    lr_ranges = {"adamw": [1e-4, 3e-3], "sgd": [3e-3, 3e-2]}
     space = parse_space({"max_epochs": 3, "grace_period": 1, "reduction_factor": 2, "promotion_window": 4, **TINY,
-                         "lr": {"loguniform": [1e-4, 3e-2]}, "optimizer": {"choice": ["adamw", "sgd"]},
+                         "optimizer": {"choice": ["adamw", "sgd"]},
+                         "lr": [{"loguniform": r, "when": {"optimizer": o}} for o, r in lr_ranges.items()],
                          "momentum": {"uniform": [0.8, 0.95], "when": {"optimizer": "sgd"}}}, name="tiny")
     summary = run_search(space, tiny_data, trials=8, concurrency=2, storage=tmp_path, name="asha", seed=1,
                          executor="train", progress=False)
@@ -63,6 +65,9 @@ def test_train_executor_asha_search_frees_every_placement_group(ray_instance, ti
     assert table["best_val_acc"].notna().all() and table["node_id"].str.len().gt(0).all()
     assert table["startup_s"].gt(0).all()
     assert not any(cluster.wait_for_no_leftovers(timeout_s=20).values())
+    # Each trial's `lr` from its optimizer's range; Optuna's per-range names stay out of the table
+    assert all(lr_ranges[o][0] <= lr <= lr_ranges[o][1] for o, lr in zip(table["optimizer"], table["lr"]))
+    assert not [c for c in table.columns if "[" in c]
 
     exp = tmp_path / "asha"
     saved = pd.read_parquet(exp / "trials.parquet")
@@ -77,6 +82,8 @@ def test_train_executor_asha_search_frees_every_placement_group(ray_instance, ti
     import optuna  # the study is on disk, every trial told: stopped early as PRUNED at its last epoch
     study = optuna.load_study(study_name="asha", storage=journal_storage(exp / "optuna.journal"))
     assert len(study.trials) == 8
+    assert {n for t in study.trials for n in t.params} <= {"optimizer", "momentum", "lr[optimizer=adamw]",
+                                                             "lr[optimizer=sgd]"}
     state = {"completed": optuna.trial.TrialState.COMPLETE, "stopped early": optuna.trial.TrialState.PRUNED}
     told = sorted((t.state.name, round(t.value, 6)) for t in study.trials)
     assert told == sorted((state[r.status].name, round(r.last_val_acc, 6)) for r in table.itertuples())

@@ -36,6 +36,9 @@ def test_shipped_spaces_load_and_sample_valid_configs():
     assert {"model", "optimizer", "dropout", "weight_decay", "aug_strength", "class_weights", "lr", "batch_size",
             "schedule", "label_smoothing"} <= set(cnn.searched())
     assert (cnn.metric, cnn.mode) == ("val_acc", "max")
+    for name, sgd_lr in (("cpu", 5e-3), ("cnn", 3e-3)):  # SGD gets its own (larger) step sizes and smaller L2
+        sgd = [v for v in sample(load_space(name), 40) if v["optimizer"] == "sgd"]
+        assert sgd and all(v["lr"] >= sgd_lr and v["weight_decay"] <= 2e-3 for v in sgd)
 
 
 def test_cpu_space_keeps_every_sampled_model_cpu_sized():
@@ -98,6 +101,63 @@ def test_conditions_activate_parameters_only_when_they_hold():
         cfg = space.trial_config(v)
         assert cfg.model_kwargs == ({"width": v["model_kwargs.width"]} if v["model"] == "vgg_fer" else {})
     assert any("momentum" in v for v in values) and any("momentum" not in v for v in values)
+
+
+def test_alternatives_give_a_key_one_distribution_per_condition():
+    """SGD wants 10-30x AdamW's learning rate and coupled L2 far below AdamW's decoupled decay:
+    one range per optimizer, each its own Optuna parameter, one `lr` column for the trial."""
+    raw = {**BASE, "optimizer": {"choice": ["adamw", "sgd", "rmsprop"]},
+           "lr": [{"loguniform": [1e-4, 1e-3], "when": {"optimizer": "adamw"}},
+                  {"loguniform": [1e-2, 1e-1], "when": {"optimizer": "sgd"}}],
+           "nesterov": [{"value": True, "when": {"optimizer": "sgd"}}]}
+    space = parse_space(raw)
+    assert space.searched() == ["optimizer", "lr"] and space.params["lr"].when == {"optimizer": ["adamw", "sgd"]}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(40):
+        trial = study.ask()
+        v = space.suggest(trial)
+        study.tell(trial, 0.0)
+        low, high = {"adamw": (1e-4, 1e-3), "sgd": (1e-2, 1e-1)}.get(v["optimizer"], (None, None))
+        if low is None:
+            assert "lr" not in v and space.trial_config(v).lr == TrainConfig.lr  # no branch: the default
+        else:
+            assert low <= v["lr"] <= high and space.trial_config(v).lr == v["lr"]
+        assert ("nesterov" in v) == (v["optimizer"] == "sgd")
+    names = {name for t in study.trials for name in t.params}
+    assert names == {"optimizer", "lr[optimizer=adamw]", "lr[optimizer=sgd]"}
+    back = space_from_record(space.to_dict())
+    assert back.to_dict() == space.to_dict() and back.params["lr"].branches[1].label == "lr[optimizer=sgd]"
+
+
+def test_the_searcher_hands_trials_config_keys_not_optunas_names(tmp_path):
+    """Ray's OptunaSearch merges Optuna's parameter names into the trial config; an alternative's
+    name (`lr[optimizer=sgd]`) is no config key, so the searcher passes on what the space returns."""
+    from fer_tune.search.tuner import JournalOptunaSearch
+
+    space = parse_space({**BASE, "optimizer": {"choice": ["adamw", "sgd"]},
+                         "lr": [{"loguniform": [1e-4, 1e-3], "when": {"optimizer": "adamw"}},
+                                {"loguniform": [1e-2, 1e-1], "when": {"optimizer": "sgd"}}]})
+    searcher = JournalOptunaSearch(space=space.suggest, metric="val_acc", mode="max", seed=0,
+                                   journal=str(tmp_path / "optuna.journal"))
+    configs = [searcher.suggest(f"t{i}") for i in range(12)]
+    assert {c["optimizer"] for c in configs} == {"adamw", "sgd"}
+    for config in configs:
+        assert set(config) == {"model", "optimizer", "lr"}
+        space.trial_config(config)
+
+
+@pytest.mark.parametrize("lr, message", [
+    ([{"loguniform": [1e-4, 1e-3], "when": {"optimizer": ["adamw", "sgd"]}},
+      {"loguniform": [1e-2, 1e-1], "when": {"optimizer": "sgd"}}], r"lr: alternatives .* can both apply to one trial"),
+    ([{"loguniform": [1e-4, 1e-3]}, {"loguniform": [1e-2, 1e-1], "when": {"optimizer": "sgd"}}],
+     r"lr: each alternative needs a when:"),
+    ([{"loguniform": [1e-4, 1e-3], "when": {"optimizer": "adam"}}], r"optimizer can never be 'adam'"),
+    ([{"uniform": [0.0, 2.0], "when": {"optimizer": "sgd"}}, {"uniform": [-1.0, 0.5], "when": {"optimizer": "adamw"}}],
+     r"lr must be > 0"),
+])
+def test_alternatives_that_overlap_or_break_a_rule_name_the_problem(lr, message):
+    with pytest.raises(UserError, match=message):
+        parse_space({**BASE, "optimizer": {"choice": ["adamw", "sgd"]}, "lr": lr}, name="bad")
 
 
 def test_budget_metric_and_mode():

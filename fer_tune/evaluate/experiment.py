@@ -125,7 +125,8 @@ def _config_of(exp: Experiment, row: dict) -> TrainConfig:
 
         parsed = space_from_record({"name": exp.name, **space}, source=str(exp.path / "search.yaml"))
         # Fixed values of the space are not columns of every table version: add them first.
-        values = {name: p.args for name, p in parsed.params.items() if p.fixed and p.active(params)}
+        picked = {name: p.pick(params) for name, p in parsed.params.items()}
+        values = {name: b.args for name, b in picked.items() if b is not None and b.fixed}
         values.update({k: parsed.params[k].from_table(v) for k, v in params.items() if k in parsed.params})
         return parsed.trial_config(values, epochs=exp.max_epochs, seed=exp.seed)
     # No space: the table's columns are TrainConfig keys (model_kwargs.X folded in), and a column some

@@ -14,8 +14,11 @@ A file is one flat mapping (see search_spaces/README.md):
     promotion_window: 0            # ASHA's bar: all results at a rung (0), or the last N
     model: {choice: [simple_cnn, vgg_fer]}
     model_kwargs.width: {choice: [0.5, 1.0], when: {model: vgg_fer}}
-    lr: {loguniform: [1.0e-4, 1.0e-2]}
-    momentum: {uniform: [0.8, 0.99], when: {optimizer: [sgd, rmsprop]}}
+    optimizer: {choice: [adamw, sgd]}
+    lr:                            # one range per optimizer (alternatives: conditions must not overlap)
+      - {loguniform: [1.0e-4, 1.0e-2], when: {optimizer: adamw}}
+      - {loguniform: [1.0e-3, 1.0e-1], when: {optimizer: sgd}}
+    momentum: {uniform: [0.8, 0.99], when: {optimizer: sgd}}
     label_smoothing: 0.1           # fixed
 
 Everything is checked on load against the model registry and `TrainConfig`, so a typo fails
@@ -59,6 +62,7 @@ class Param:
     args: Any  # choice: list of values; uniform/loguniform/int: [low, high]; quniform: [low, high, q]; value: the value
     when: dict[str, list] = field(default_factory=dict)  # earlier param -> values that activate this one
     log: bool = False  # int only: sample on a log scale
+    label: str = ""  # Optuna's name for it when not `name` (a branch of Alternatives)
 
     @property
     def fixed(self) -> bool:
@@ -66,6 +70,10 @@ class Param:
 
     def active(self, values: dict[str, Any]) -> bool:
         return all(key in values and values[key] in allowed for key, allowed in self.when.items())
+
+    def pick(self, values: dict[str, Any]) -> "Param | None":
+        """The distribution that applies given the keys sampled so far: this one, or None."""
+        return self if self.active(values) else None
 
     def candidates(self) -> list:
         """Values this parameter can take at its edges (for validation and for `when` references)."""
@@ -90,15 +98,24 @@ class Param:
             return self.args
         if self.kind == "choice":
             tokens = [_token(v) for v in self.args]
-            picked = trial.suggest_categorical(self.name, tokens)
+            picked = trial.suggest_categorical(self.label or self.name, tokens)
             return self.args[tokens.index(picked)]
         if self.kind == "uniform":
-            return trial.suggest_float(self.name, low, high)
+            return trial.suggest_float(self.label or self.name, low, high)
         if self.kind == "loguniform":
-            return trial.suggest_float(self.name, low, high, log=True)
+            return trial.suggest_float(self.label or self.name, low, high, log=True)
         if self.kind == "quniform":
-            return trial.suggest_float(self.name, low, high, step=self.args[2])
-        return trial.suggest_int(self.name, low, high, log=self.log)
+            return trial.suggest_float(self.label or self.name, low, high, step=self.args[2])
+        return trial.suggest_int(self.label or self.name, low, high, log=self.log)
+
+    def spec(self) -> dict[str, Any]:
+        """This parameter as its YAML mapping (search.yaml)."""
+        entry: dict[str, Any] = {self.kind: self.args}
+        if self.when:
+            entry["when"] = self.when
+        if self.log:
+            entry["log"] = True
+        return entry
 
     def describe(self) -> str:
         text = {"value": f"{self.args!r}", "choice": f"choice {list(self.args)}"}.get(
@@ -109,9 +126,71 @@ class Param:
 
 
 @dataclass
+class Alternatives:
+    """One key with a distribution per condition, e.g. a learning-rate range per optimizer (SGD
+    wants 10-30x AdamW's):
+
+        lr:
+          - {loguniform: [1.0e-4, 1.0e-2], when: {optimizer: [adam, adamw]}}
+          - {loguniform: [5.0e-3, 2.0e-1], when: {optimizer: sgd}}
+
+    The conditions must not overlap, so at most one branch applies to a trial (none: the key keeps
+    its TrainConfig default). Each branch samples under its own Optuna name (`lr[optimizer=sgd]`), so
+    TPE models each range from the trials it applied to; the trial's config and tables see `lr`."""
+
+    name: str
+    branches: list[Param]
+    kind = "alternatives"
+    log = False
+
+    @property
+    def args(self) -> list[dict[str, Any]]:
+        return [b.spec() for b in self.branches]
+
+    @property
+    def when(self) -> dict[str, list]:
+        """What any branch needs (truthy: the key is conditional)."""
+        merged: dict[str, list] = {}
+        for b in self.branches:
+            for key, allowed in b.when.items():
+                merged.setdefault(key, [])
+                merged[key] += [v for v in allowed if v not in merged[key]]
+        return merged
+
+    @property
+    def fixed(self) -> bool:
+        return all(b.fixed for b in self.branches)
+
+    def active(self, values: dict[str, Any]) -> bool:
+        return self.pick(values) is not None
+
+    def pick(self, values: dict[str, Any]) -> Param | None:
+        return next((b for b in self.branches if b.active(values)), None)
+
+    def candidates(self) -> list:
+        return [c for b in self.branches for c in b.candidates()]
+
+    def from_table(self, value: Any) -> Any:
+        for b in self.branches:
+            back = b.from_table(value)
+            if back is not value:
+                return back
+        return value
+
+    def suggest(self, trial) -> Any:
+        raise TypeError("Alternatives: call pick(values).suggest(trial)")
+
+    def spec(self) -> list[dict[str, Any]]:
+        return self.args
+
+    def describe(self) -> str:
+        return " | ".join(b.describe() for b in self.branches)
+
+
+@dataclass
 class SearchSpace:
     name: str
-    params: dict[str, Param]  # in file order; conditions refer to earlier keys
+    params: dict[str, Param | Alternatives]  # in file order; conditions refer to earlier keys
     metric: str = "val_acc"
     mode: str = "max"
     max_epochs: int = 20
@@ -127,8 +206,9 @@ class SearchSpace:
         (fixed ones too), with the real values of list-valued choices."""
         values: dict[str, Any] = {}
         for param in self.params.values():
-            if param.active(values):
-                values[param.name] = param.suggest(trial)
+            picked = param.pick(values)
+            if picked is not None:
+                values[param.name] = picked.suggest(trial)
         return values
 
     def startup_points(self, trials: int) -> list[dict[str, Any]]:
@@ -165,12 +245,7 @@ class SearchSpace:
                                "reduction_factor": self.reduction_factor, "promotion_window": self.promotion_window,
                                "trials": self.trials, "params": {}}
         for p in self.params.values():
-            entry: dict[str, Any] = {p.kind: p.args}
-            if p.when:
-                entry["when"] = p.when
-            if p.log:
-                entry["log"] = True
-            out["params"][p.name] = entry
+            out["params"][p.name] = p.spec()
         return out
 
     def with_budget(self, **changes) -> "SearchSpace":
@@ -277,7 +352,9 @@ def _check_meta(space: SearchSpace, where: str) -> None:
         raise UserError(f"{where}: grace_period ({space.grace_period}) exceeds max_epochs ({space.max_epochs})")
 
 
-def _parse_param(key: str, spec: Any, earlier: dict[str, Param], where: str) -> Param:
+def _parse_param(key: str, spec: Any, earlier: dict[str, Param], where: str) -> Param | Alternatives:
+    if isinstance(spec, list) and spec and all(isinstance(s, dict) and set(s) & set(KINDS) for s in spec):
+        return _parse_alternatives(key, spec, earlier, where)
     if not isinstance(spec, dict) or (key == "model_kwargs" and not set(spec) & set(KINDS)):
         return Param(key, "value", spec)  # a fixed value (the model_kwargs mapping is a value too)
     kinds = [k for k in spec if k in KINDS]
@@ -319,6 +396,27 @@ def _parse_param(key: str, spec: Any, earlier: dict[str, Param], where: str) -> 
     return Param(key, kind, args, when, bool(log))
 
 
+def _parse_alternatives(key: str, specs: list, earlier: dict[str, Param], where: str) -> Alternatives:
+    branches = []
+    for spec in specs:
+        if "when" not in spec:
+            raise UserError(f"{where}: {key}: each alternative needs a when: (which trials it applies to), "
+                            f"got {spec}")
+        branch = _parse_param(key, spec, earlier, where)
+        branch.label = f"{key}[" + ",".join(f"{k}={'|'.join(map(str, v))}" for k, v in branch.when.items()) + "]"
+        for other in branches:
+            if _overlap(branch.when, other.when):
+                raise UserError(f"{where}: {key}: alternatives {other.describe()!r} and {branch.describe()!r} can "
+                                "both apply to one trial; make their when: conditions exclusive")
+        branches.append(branch)
+    return Alternatives(key, branches)
+
+
+def _overlap(a: dict[str, list], b: dict[str, list]) -> bool:
+    """Whether some trial can meet both conditions: every key both name shares a value."""
+    return all(set(map(_token, a[k])) & set(map(_token, b[k])) for k in set(a) & set(b))
+
+
 def _parse_when(key: str, when: Any, earlier: dict[str, Param], where: str) -> dict[str, list]:
     if when is None:
         return {}
@@ -347,6 +445,10 @@ def _check_values(param: Param, space: SearchSpace, where: str) -> None:
     """Every value a parameter can take must be valid for the loop: a known model, optimizer,
     schedule or class-weight scheme; a number in TrainConfig's range; a model argument that
     each model it applies to accepts."""
+    if isinstance(param, Alternatives):
+        for branch in param.branches:
+            _check_values(branch, space, where)
+        return
     name = param.name
     if name == "model":
         for model in param.candidates():

@@ -415,6 +415,19 @@ class JournalOptunaSearch(_searcher_class()):
         self._journal = journal
         self._max_epochs = max_epochs
 
+    def _suggest_from_define_by_run_func(self, func, ot_trial):
+        # A trial's config is what the space returns (every active key, real values). Ray would add
+        # Optuna's own parameter names, which are not always config keys: an alternative samples
+        # `lr[optimizer=sgd]` for `lr`.
+        returned: dict = {}
+
+        def run(trial):
+            returned.update(func(trial))
+            return returned
+
+        super()._suggest_from_define_by_run_func(run, ot_trial)
+        return dict(returned)
+
     def on_trial_result(self, trial_id: str, result: dict):
         # A trial that finished just before the driver was killed is still running in Tune's last
         # snapshot: on --resume it replays its end, but Optuna was already told (reporting to a
