@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -30,9 +31,15 @@ def parse_assignment(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"--set expects key=value, got {text!r}")
     key, value = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         raise argparse.ArgumentTypeError(f"--set {key}: value {value!r} is not valid YAML") from None
+    if isinstance(parsed, str) and SCIENTIFIC.fullmatch(parsed.strip()):
+        parsed = float(parsed)  # YAML 1.1 reads 3e-4 (no dot) as text; records would keep the string
+    return key.strip(), parsed
+
+
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 # -- data -------------------------------------------------------------------------------------

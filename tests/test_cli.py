@@ -65,3 +65,15 @@ def test_data_info_and_models(toy_prepared, capsys):
     listing = capsys.readouterr().out
     for name in ("mlp", "simple_cnn", "mini_resnet", "vgg_fer", "timm/"):
         assert name in listing
+
+
+def test_set_reads_yaml_values_and_numbers_in_e_notation():
+    """YAML 1.1 reads `5e-4` (no dot) as text: --set would record "5e-4" in metrics.json."""
+    from fer_tune.cli import parse_assignment
+
+    assert parse_assignment("weight_decay=5e-4") == ("weight_decay", 5e-4)
+    assert parse_assignment("lr=-1E3") == ("lr", -1000.0)
+    assert parse_assignment("lr=3.0e-4") == ("lr", 3e-4)
+    assert parse_assignment("model_kwargs={fc: 1024}") == ("model_kwargs", {"fc": 1024})
+    assert parse_assignment("nesterov=false") == ("nesterov", False)
+    assert parse_assignment("model=e5") == ("model", "e5")
