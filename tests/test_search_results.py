@@ -107,6 +107,14 @@ def test_trials_command_formats(experiment, capsys, fmt):
         assert "t3" in out and "t1" in out and "t2" not in out and "best val_acc first" in out
 
 
+def test_trials_command_shows_keys_with_one_range_per_condition(experiment, capsys):
+    """cpu.yaml gives lr and weight_decay one range per optimizer (a list in search.yaml): still columns."""
+    (experiment / "search.yaml").write_text(yaml.safe_dump({"space": load_space("cpu").to_dict()}))
+    assert main(["trials", str(experiment), "--format", "csv"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split(",")
+    assert {"optimizer", "lr"} <= set(header) and "nesterov" not in header  # nesterov: fixed where it applies
+
+
 def test_trials_command_sort_default_latest_and_errors(experiment, capsys, monkeypatch):
     monkeypatch.chdir(experiment.parent.parent)
     assert main(["trials", "--format", "csv", "--sort", "val_loss"]) == 0  # latest under ./results

@@ -175,6 +175,12 @@ def _tensorboard_available() -> bool:
     return True
 
 
+def _sampled(spec) -> bool:
+    """Whether a search.yaml parameter is drawn, not fixed: a distribution, or alternatives (a list
+    of them, one per condition) of which any is one."""
+    return any(isinstance(s, dict) and "value" not in s for s in (spec if isinstance(spec, list) else [spec]))
+
+
 def _search_meta(exp: Path) -> dict:
     """metric, mode and searched parameter names from search.yaml."""
     path = Path(exp) / "search.yaml"
@@ -185,7 +191,7 @@ def _search_meta(exp: Path) -> dict:
     except yaml.YAMLError:
         return {}
     space = record.get("space", {})
-    params = [k for k, v in (space.get("params") or {}).items() if isinstance(v, dict) and "value" not in v]
+    params = [k for k, v in (space.get("params") or {}).items() if _sampled(v)]
     return {"metric": space.get("metric", "val_acc"), "mode": space.get("mode", "max"), "params": params,
             "name": record.get("name")}
 
