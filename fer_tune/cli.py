@@ -25,6 +25,9 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 900, 15m, 1.5h)") from None
 
 
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 3e-4: a number YAML 1.1 reads as text
+
+
 def parse_assignment(text: str) -> tuple[str, object]:
     """'key=value' with a YAML value: lr=3e-4, model_kwargs={width: 0.5}, nesterov=false."""
     if "=" not in text:
@@ -37,9 +40,6 @@ def parse_assignment(text: str) -> tuple[str, object]:
     if isinstance(parsed, str) and SCIENTIFIC.fullmatch(parsed.strip()):
         parsed = float(parsed)  # YAML 1.1 reads 3e-4 (no dot) as text; records would keep the string
     return key.strip(), parsed
-
-
-SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 # -- data -------------------------------------------------------------------------------------

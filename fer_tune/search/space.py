@@ -96,17 +96,18 @@ class Param:
         low, high = (self.args[0], self.args[1]) if self.kind not in ("choice", "value") else (None, None)
         if self.kind == "value":
             return self.args
+        name = self.label or self.name
         if self.kind == "choice":
             tokens = [_token(v) for v in self.args]
-            picked = trial.suggest_categorical(self.label or self.name, tokens)
+            picked = trial.suggest_categorical(name, tokens)
             return self.args[tokens.index(picked)]
         if self.kind == "uniform":
-            return trial.suggest_float(self.label or self.name, low, high)
+            return trial.suggest_float(name, low, high)
         if self.kind == "loguniform":
-            return trial.suggest_float(self.label or self.name, low, high, log=True)
+            return trial.suggest_float(name, low, high, log=True)
         if self.kind == "quniform":
-            return trial.suggest_float(self.label or self.name, low, high, step=self.args[2])
-        return trial.suggest_int(self.label or self.name, low, high, log=self.log)
+            return trial.suggest_float(name, low, high, step=self.args[2])
+        return trial.suggest_int(name, low, high, log=self.log)
 
     def spec(self) -> dict[str, Any]:
         """This parameter as its YAML mapping (search.yaml)."""
@@ -141,7 +142,6 @@ class Alternatives:
     name: str
     branches: list[Param]
     kind = "alternatives"
-    log = False
 
     @property
     def args(self) -> list[dict[str, Any]]:
@@ -161,9 +161,6 @@ class Alternatives:
     def fixed(self) -> bool:
         return all(b.fixed for b in self.branches)
 
-    def active(self, values: dict[str, Any]) -> bool:
-        return self.pick(values) is not None
-
     def pick(self, values: dict[str, Any]) -> Param | None:
         return next((b for b in self.branches if b.active(values)), None)
 
@@ -176,9 +173,6 @@ class Alternatives:
             if back is not value:
                 return back
         return value
-
-    def suggest(self, trial) -> Any:
-        raise TypeError("Alternatives: call pick(values).suggest(trial)")
 
     def spec(self) -> list[dict[str, Any]]:
         return self.args
