@@ -186,7 +186,10 @@ def test_a_slow_first_epoch_does_not_collapse_the_schedule(toy_data):
     result = fit(TrainConfig(**{**FAST, "epochs": 1000, "time_budget": 16.0}), toy_data, rep)
     lrs = [h["lr"] for h in rep.history]
     assert result.epochs_run >= 4
-    assert min(lrs[:-1]) > 0.01 * max(lrs)  # no epoch trained at ~zero learning rate before the end
+    # Cosine over the whole run keeps the first half at >= half the peak learning rate; a schedule
+    # planned from the slow first epoch alone would have annealed to ~0 within the first few epochs.
+    first_half = lrs[: len(lrs) // 2]
+    assert min(first_half) > 0.4 * max(lrs), lrs
 
 
 def test_a_run_that_reached_its_planned_end_is_not_stretched_again(toy_data, monkeypatch):
