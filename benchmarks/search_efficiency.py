@@ -12,11 +12,13 @@ For each: epochs spent, wall time, best val_acc, and the epochs spent (in report
 trials) until some trial first reached (2)'s best val_acc; and, from (2)'s full learning curves, how
 well each ASHA rung ranks the trials (Spearman rho against their final best). Then the overheads:
 per-trial time from trial start to its first report (less that epoch's own time) for both
-executors, and search (1) against the same trainings (same configs, same epochs each) in a plain
-in-process loop.
+executors; Ray Train's own floor (the train executor's wiring around an empty train function that
+reports at once, one trial at a time); and search (1) against the same trainings (same configs,
+same epochs each) in a plain in-process loop.
 
     python benchmarks/search_efficiency.py                               # cnn space, 12 trials x 6 epochs, 10 %
     python benchmarks/search_efficiency.py --space smoke --subset 0.02 --trials 4 --max-epochs 2   # a quick check
+    python benchmarks/search_efficiency.py --space cpu --overhead-only      # the start-up figures alone
 """
 
 from __future__ import annotations
@@ -62,11 +64,15 @@ def main(argv=None) -> int:
                          "medians: one search of 16 trials is one noisy sample")
     ap.add_argument("--overhead-trials", type=int, default=4, help="trials per executor for the startup figure")
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--overhead-only", action="store_true",
+                    help="measure the per-trial start-up alone (no searches, no plain-loop comparison)")
     ap.add_argument("--storage", help="where the experiments go (default: a temporary folder)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error(f"--seeds {args.seeds}: must be >= 1")
+    if args.overhead_only and args.skip_overhead:
+        ap.error("--overhead-only and --skip-overhead exclude each other")
     keys = [key for key, *_ in SEARCHES if key != "tpe_recent" or args.promotion_window]
     if args.searches:
         unknown = sorted(set(args.searches.split(",")) - set(keys))
@@ -88,7 +94,7 @@ def main(argv=None) -> int:
     try:
         common = dict(trials=args.trials, storage=storage, executor=args.executor, concurrency=args.concurrency,
                       seed=args.seed, progress=False)
-        seeds = [args.seed + i for i in range(args.seeds)]
+        seeds = [] if args.overhead_only else [args.seed + i for i in range(args.seeds)]
         per_seed = {}
         for seed in seeds:
             if len(seeds) > 1:
@@ -98,7 +104,7 @@ def main(argv=None) -> int:
             figures[f"seed_{seed}"] = {key: fig for key, (_, _, fig) in per_seed[seed].items()}
         if len(seeds) > 1:
             figures["summary"] = summarize(per_seed)
-        runs = {key: (summary, wall) for key, (summary, wall, _) in per_seed[seeds[0]].items()}
+        runs = {key: (summary, wall) for key, (summary, wall, _) in per_seed[seeds[0]].items()} if seeds else {}
 
         if not args.skip_overhead:
             print("\nper-trial overhead (trial start -> first report, less that epoch), median of "
@@ -111,6 +117,12 @@ def main(argv=None) -> int:
                 med = statistics.median(startup) if startup else float("nan")
                 print(f"  {executor:<7} {med:6.1f} s   (each: {', '.join(f'{s:.1f}' for s in startup)})", flush=True)
                 figures[f"startup_{executor}_s"] = med
+            floor = train_floor(args.overhead_trials, storage)
+            print(f"  Ray Train's floor (empty train function, one trial at a time) {statistics.median(floor):.1f} s   "
+                  f"(each: {', '.join(f'{s:.1f}' for s in floor)})", flush=True)
+            figures["startup_train_floor_s"] = statistics.median(floor)
+            if not runs:
+                return finish(args, figures)
 
             summary, wall = runs.get("tpe_asha") or runs["random_full"]
             plain = plain_loop(space, summary, data, args.seed)
@@ -124,6 +136,10 @@ def main(argv=None) -> int:
             figures["search_overhead_s"] = round(wall - ideal, 1)
     finally:
         cluster.shutdown(started)
+    return finish(args, figures)
+
+
+def finish(args, figures: dict) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
     return 0
@@ -281,6 +297,49 @@ class StopAfter(MemoryReporter):
 
     def should_stop(self) -> bool:
         return len(self.history) >= self.epochs
+
+
+def train_floor(trials: int, storage: Path) -> list[float]:
+    """Seconds from trial start to first report for Tune trials that each run a 1-worker
+    TorchTrainer, wired as the train executor wires it (a driver trial with no CPU of its own,
+    TuneReportCallback, the same report interval), around a train function that reports at once:
+    what Ray Train costs before any of our code runs. One trial at a time."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from fer_tune.search.trainable import TrialSetup
+
+    def empty(config):
+        ray.train.report({"epoch": 1})
+
+    def trial(config):
+        import os
+
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TrialSetup.report_interval_s))
+        TorchTrainer(empty, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                     run_config=ray.train.RunConfig(name=tune.get_context().get_trial_id(),
+                                                    storage_path=str(storage / "floor-train"),
+                                                    callbacks=[TuneReportCallback()])).fit()
+
+    class FirstReport(tune.Callback):
+        def __init__(self):
+            self.started, self.startup = {}, []
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.time()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.startup.append(time.time() - self.started.pop(trial.trial_id))
+
+    timer = FirstReport()
+    with cluster.env(RAY_AIR_NEW_OUTPUT="0"):  # no configuration box
+        tune.Tuner(tune.with_resources(trial, {"cpu": 0, "memory": 64 * 2**20}),
+                   tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1),
+                   run_config=tune.RunConfig(name=f"floor-{int(time.time())}", storage_path=str(storage),
+                                             callbacks=[timer], verbose=0)).fit()
+    return timer.startup
 
 
 def summary_concurrency(exp: Path) -> float:
