@@ -176,6 +176,7 @@ def test_resume_after_sigkill_keeps_finished_trials(ray_instance, toy_prepared, 
     before = pd.read_csv(tmp_path / "killed" / "trials.csv")
     done = before[before.status.isin(["completed", "stopped early"])].set_index("trial_id")
     assert len(done) >= 3 and len(before) < 8
+    assert list((tmp_path / "killed").glob(".experiment_state-*.json.good"))  # what a cut-short snapshot falls back to
 
     proc = cli(args + ["--resume"])
     out, _ = proc.communicate(timeout=300)

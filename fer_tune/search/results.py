@@ -297,3 +297,55 @@ def _short(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
+
+
+
+STATE_GLOB = "experiment_state-*.json"
+SNAPSHOT_GLOBS = (STATE_GLOB, "searcher-state-*.pkl", "callback-states-*.pkl")  # what Tune saves together
+
+
+def _good_copy(path: Path) -> Path:
+    return path.with_name(f".{path.name}.good")
+
+
+def _replace(src: bytes, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.write_bytes(src)
+    os.replace(tmp, dst)
+
+
+def _parses(state: Path) -> bool:
+    try:
+        json.loads(state.read_bytes())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def keep_good_state(folder: str | Path) -> None:
+    """Keep an atomic copy of Tune's experiment snapshot (its state, searcher and callback files)
+    whenever its state parses. Tune writes these files in place (open, then dump), so a driver killed
+    mid-write leaves them truncated, and --resume could not read them; `restore_good_state` puts the
+    copies back. The copies are hidden (a leading dot) so that Tune's search for snapshots skips them."""
+    folder = Path(folder)
+    if not all(_parses(state) for state in folder.glob(STATE_GLOB)):
+        return
+    for pattern in SNAPSHOT_GLOBS:
+        for path in folder.glob(pattern):
+            try:
+                _replace(path.read_bytes(), _good_copy(path))
+            except OSError:
+                pass
+
+
+def restore_good_state(folder: str | Path) -> list[str]:
+    """When a Tune experiment state in `folder` does not parse, put the last good copy of the whole
+    snapshot back; returns the names of the broken states."""
+    folder = Path(folder)
+    broken = [state.name for state in folder.glob(STATE_GLOB) if not _parses(state) and _good_copy(state).is_file()]
+    if broken:
+        for pattern in SNAPSHOT_GLOBS:
+            for path in folder.glob(pattern):
+                if _good_copy(path).is_file():
+                    _replace(_good_copy(path).read_bytes(), path)
+    return broken

@@ -250,6 +250,9 @@ def _tuner(trainable, space: SearchSpace, setup: TrialSetup, *, name, storage, t
     failure_config = tune.FailureConfig(max_failures=max_failures)
     if resume:
         path = f"{storage.rstrip('/')}/{name}"
+        if local is not None:
+            for state in results.restore_good_state(local):  # the driver was killed while Tune wrote it
+                print(f"--resume: {state} was cut short; continuing from its last complete copy", file=sys.stderr)
         if not tune.Tuner.can_restore(path):
             raise UserError(f"--resume: {path} has no Ray Tune experiment state to resume (it was interrupted "
                             "before the first snapshot); start it again without --resume under a new --name")
