@@ -12,8 +12,8 @@ For each: epochs spent, wall time, best val_acc, and the epochs spent (in report
 trials) until some trial first reached (2)'s best val_acc; and, from (2)'s full learning curves, how
 well each ASHA rung ranks the trials (Spearman rho against their final best). Then the overheads:
 per-trial time from trial start to its first report (less that epoch's own time) for both
-executors; Ray Train's own floor (the train executor's wiring around an empty train function that
-reports at once, one trial at a time); and search (1) against the same trainings (same configs,
+executors; Ray Train's own floor (the train executor's trials with a worker that reports at once
+instead of training, one trial at a time); and search (1) against the same trainings (same configs,
 same epochs each) in a plain in-process loop.
 
     python benchmarks/search_efficiency.py                               # cnn space, 12 trials x 6 epochs, 10 %
@@ -300,28 +300,22 @@ class StopAfter(MemoryReporter):
 
 
 def train_floor(trials: int, storage: Path) -> list[float]:
-    """Seconds from trial start to first report for Tune trials that each run a 1-worker
-    TorchTrainer, wired as the train executor wires it (a driver trial with no CPU of its own,
-    TuneReportCallback, the same report interval), around a train function that reports at once:
-    what Ray Train costs before any of our code runs. One trial at a time."""
+    """Seconds from trial start to first report for trials of the train executor itself
+    (`train_trial`: a driver trial with no CPU of its own running a 1-worker TorchTrainer) whose
+    worker reports at once instead of training: what Ray Train costs before any of our code runs.
+    One trial at a time."""
     import ray.train
     from ray import tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from fer_tune.search.trainable import TrialSetup
+    from fer_tune.search.trainable import TrialSetup, train_trial
+
+    setup = TrialSetup(space=None, epochs=1, seed=0, train_storage=str(storage / "floor-train"))
 
     def empty(config):
         ray.train.report({"epoch": 1})
 
     def trial(config):
-        import os
-
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TrialSetup.report_interval_s))
-        TorchTrainer(empty, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                     run_config=ray.train.RunConfig(name=tune.get_context().get_trial_id(),
-                                                    storage_path=str(storage / "floor-train"),
-                                                    callbacks=[TuneReportCallback()])).fit()
+        train_trial(config, setup, [None], worker=empty)
 
     class FirstReport(tune.Callback):
         def __init__(self):
@@ -335,7 +329,7 @@ def train_floor(trials: int, storage: Path) -> list[float]:
 
     timer = FirstReport()
     with cluster.env(RAY_AIR_NEW_OUTPUT="0"):  # no configuration box
-        tune.Tuner(tune.with_resources(trial, {"cpu": 0, "memory": 64 * 2**20}),
+        tune.Tuner(tune.with_resources(trial, {"cpu": 0, "memory": 64 * 2**20}),  # as the train executor's trials
                    tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1),
                    run_config=tune.RunConfig(name=f"floor-{int(time.time())}", storage_path=str(storage),
                                              callbacks=[timer], verbose=0)).fit()

@@ -298,8 +298,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-
-
 STATE_GLOB = "experiment_state-*.json"
 SNAPSHOT_GLOBS = (STATE_GLOB, "searcher-state-*.pkl", "callback-states-*.pkl")  # what Tune saves together
 

@@ -164,8 +164,9 @@ def replay_finished(setup: TrialSetup) -> bool:
     return True
 
 
-def train_trial(params: dict, setup: TrialSetup, data_ref: list) -> None:
-    """Tune function trainable of the train executor: one TorchTrainer run per trial."""
+def train_trial(params: dict, setup: TrialSetup, data_ref: list, worker=None) -> None:
+    """Tune function trainable of the train executor: one TorchTrainer run per trial, each worker
+    running `worker` (default `train_worker`; the benchmark times Ray Train's own cost with an empty one)."""
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
@@ -180,7 +181,7 @@ def train_trial(params: dict, setup: TrialSetup, data_ref: list) -> None:
     if setup.gpus_per_worker:
         resources["GPU"] = setup.gpus_per_worker
     trainer = TorchTrainer(
-        train_worker,
+        worker or train_worker,
         train_loop_config={"setup": setup, "params": params, "data": data_ref},
         scaling_config=ray.train.ScalingConfig(num_workers=setup.workers, use_gpu=setup.gpus_per_worker > 0,
                                                resources_per_worker=resources),
