@@ -18,7 +18,7 @@ import yaml
 
 from conftest import toy_arrays
 from fer_tune.errors import UserError
-from fer_tune.search import cluster
+from fer_tune.search import cluster, snapshot
 from fer_tune.search.space import parse_space
 from fer_tune.search.tuner import journal_storage, run_search
 from fer_tune.train import TrainData
@@ -176,7 +176,13 @@ def test_resume_after_sigkill_keeps_finished_trials(ray_instance, toy_prepared, 
     before = pd.read_csv(tmp_path / "killed" / "trials.csv")
     done = before[before.status.isin(["completed", "stopped early"])].set_index("trial_id")
     assert len(done) >= 3 and len(before) < 8
-    assert list((tmp_path / "killed").glob(".experiment_state-*.json.good"))  # what a cut-short snapshot falls back to
+    # The worst moment for the kill: while Tune copied its snapshot into the experiment folder
+    # (CI saw a JSONDecodeError and an EOFError on resume). Every file cut short; --resume falls back
+    # on the complete copy in .tune-snapshot.
+    tune_files = [p for pattern in snapshot.TUNE_FILES for p in (tmp_path / "killed").glob(pattern)]
+    assert len(tune_files) >= 4 and (tmp_path / "killed" / snapshot.SNAPSHOT).is_dir()
+    for path in tune_files:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
     proc = cli(args + ["--resume"])
     out, _ = proc.communicate(timeout=300)

@@ -216,27 +216,3 @@ def test_checkpoint_cleanup_deletes_only_what_no_resume_can_ask_for(tmp_path):
     final.on_trial_complete(0, [], ended)
     final.final_sweep()  # after the search's last snapshot: no grace needed
     assert [n for n in left("d") if n.startswith("checkpoint_0")] == []
-
-
-def test_a_cut_short_tune_snapshot_is_restored_from_its_last_good_copy(tmp_path):
-    """Tune writes experiment_state-*.json in place; a driver killed mid-write leaves it truncated.
-    The tables callback keeps a copy of the last snapshot that parsed; --resume puts it back."""
-    from fer_tune.search.results import keep_good_state, restore_good_state
-
-    state = tmp_path / "experiment_state-2026-12-05_16-00-00.json"
-    searcher = tmp_path / "searcher-state-2026-12-05_16-00-00.pkl"
-    state.write_text(json.dumps({"trial_data": ["a", "b"]}))
-    searcher.write_bytes(b"searcher 1")
-    keep_good_state(tmp_path)
-    assert restore_good_state(tmp_path) == []  # intact: left alone
-    state.write_text('{"trial_data": ["a", "b", "c"')  # the newer snapshot, cut short
-    searcher.write_bytes(b"searcher 2")
-    keep_good_state(tmp_path)  # does not overwrite the good copies with a broken snapshot
-    assert restore_good_state(tmp_path) == [state.name]
-    assert json.loads(state.read_text()) == {"trial_data": ["a", "b"]}
-    assert searcher.read_bytes() == b"searcher 1"  # the snapshot comes back as a whole
-    assert sorted(p.name for p in tmp_path.glob("experiment_state*.json")) == [state.name]  # Tune sees one snapshot
-
-    other = tmp_path / "experiment_state-2026-12-05_17-00-00.json"
-    other.write_text("")  # broken and never copied: nothing to restore
-    assert restore_good_state(tmp_path) == []

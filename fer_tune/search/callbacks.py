@@ -92,8 +92,6 @@ class TablesCallback(Callback):
                 except Exception:
                     pass
         results.write_tables(folder, frame, metric=self.metric, mode=self.mode, configs=configs)
-        if Path(folder).is_dir():
-            results.keep_good_state(folder)
         self._last_write = time.time()
 
 

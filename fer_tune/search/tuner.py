@@ -13,6 +13,7 @@ so a resumed search keeps what the sampler learned and `optuna.importance` can r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +29,7 @@ from typing import Any
 import yaml
 
 from fer_tune.errors import UserError
-from fer_tune.search import results
+from fer_tune.search import results, snapshot
 from fer_tune.search import storage as storage_mod
 from fer_tune.search.callbacks import CheckpointCleanup, TablesCallback, TensorBoardCallback
 from fer_tune.search.storage import experiment_folder, local_cache
@@ -190,7 +191,8 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
                        sampler=sampler, early_stopping=early_stopping, keep_checkpoints=keep_checkpoints)
         with cluster.env(TUNE_GLOBAL_CHECKPOINT_S=os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SNAPSHOT_S),
                          TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0",
-                         TUNE_MAX_PENDING_TRIALS_PG=str(concurrency)):
+                         TUNE_MAX_PENDING_TRIALS_PG=str(concurrency)), \
+                (snapshot.kept(local_dir) if local_dir is not None else contextlib.nullcontext()):
             grid = tuner.fit()
         for callback in _callbacks(tuner):
             if isinstance(callback, CheckpointCleanup):
@@ -250,9 +252,12 @@ def _tuner(trainable, space: SearchSpace, setup: TrialSetup, *, name, storage, t
     failure_config = tune.FailureConfig(max_failures=max_failures)
     if resume:
         path = f"{storage.rstrip('/')}/{name}"
-        if local is not None:
-            for state in results.restore_good_state(local):  # the driver was killed while Tune wrote it
-                print(f"--resume: {state} was cut short; continuing from its last complete copy", file=sys.stderr)
+        if local is not None:  # Tune's own copy may be cut short or mixed (the driver was killed mid-copy)
+            snapshot.restore(local)
+            broken = snapshot.cut_short(local)
+            if broken:
+                raise UserError(f"--resume: {local / broken[0]} is cut short (the search was killed while Ray Tune "
+                                "saved it) and no complete copy exists; start it again under a new --name")
         if not tune.Tuner.can_restore(path):
             raise UserError(f"--resume: {path} has no Ray Tune experiment state to resume (it was interrupted "
                             "before the first snapshot); start it again without --resume under a new --name")
