@@ -6,6 +6,7 @@ Train trials, failures, Ctrl-C, resume after SIGKILL, no leaked placement groups
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,6 +184,13 @@ def test_resume_after_sigkill_keeps_finished_trials(ray_instance, toy_prepared, 
     assert len(tune_files) >= 4 and (tmp_path / "killed" / snapshot.SNAPSHOT).is_dir()
     for path in tune_files:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    # Without that copy: one line, and the folder left as it was (Tune would start the search over)
+    shutil.copytree(tmp_path / "killed", tmp_path / "nocopy", ignore=shutil.ignore_patterns(snapshot.SNAPSHOT))
+    files = {p: p.read_bytes() for p in (tmp_path / "nocopy").rglob("*") if p.is_file()}
+    refused = cli(search_args(toy_prepared, tmp_path, ray_instance, "nocopy", 8) + ["--resume"])
+    out, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and out.startswith("fer-tune: error: --resume: ") and "is cut short" in out and len(out.splitlines()) == 1
+    assert {p: p.read_bytes() for p in (tmp_path / "nocopy").rglob("*") if p.is_file()} == files
 
     proc = cli(args + ["--resume"])
     out, _ = proc.communicate(timeout=300)

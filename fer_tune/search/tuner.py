@@ -122,6 +122,12 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
         if local_dir is None:  # the record, journal and tables come back from the URI (any machine can resume)
             storage_mod.fetch(f"{storage}/{name}", local_cache(name))
         record = _read_record(local_dir or local_cache(name), storage, name)
+        if local_dir is not None:  # Tune's own copy may be cut short or mixed (the driver was killed mid-copy)
+            snapshot.restore(local_dir)
+            broken = snapshot.cut_short(local_dir)
+            if broken:
+                raise UserError(f"--resume: {local_dir / broken[0]} is cut short (the search was killed while Ray "
+                                "Tune saved it) and no complete copy exists; start it again under a new --name")
         space, saved = _saved_search(record)
         trials, executor, seed, subset = saved["trials"], saved["executor"], saved["seed"], saved["subset"]
         workers_per_trial, cpus_per_trial = saved["workers_per_trial"], saved["cpus_per_trial"]
@@ -252,12 +258,6 @@ def _tuner(trainable, space: SearchSpace, setup: TrialSetup, *, name, storage, t
     failure_config = tune.FailureConfig(max_failures=max_failures)
     if resume:
         path = f"{storage.rstrip('/')}/{name}"
-        if local is not None:  # Tune's own copy may be cut short or mixed (the driver was killed mid-copy)
-            snapshot.restore(local)
-            broken = snapshot.cut_short(local)
-            if broken:
-                raise UserError(f"--resume: {local / broken[0]} is cut short (the search was killed while Ray Tune "
-                                "saved it) and no complete copy exists; start it again under a new --name")
         if not tune.Tuner.can_restore(path):
             raise UserError(f"--resume: {path} has no Ray Tune experiment state to resume (it was interrupted "
                             "before the first snapshot); start it again without --resume under a new --name")
