@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py [--models improved_cnn mini_resnet vgg_fer timm/resnet18]
                                     [--repeats 3] [--batches 20] [--aug-strength 0.5] [--compile]
+    python benchmarks/throughput.py --models vgg_fer_s:fc=512 vgg_fer_s:width=0.5,fc=512   # model arguments
 
 For each model, images per second of training under
   (a) our loop: `fer_tune.train.fit` (uint8 split resident in memory, batched on-device
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from fer_tune import data as fdata
 from fer_tune.models import create_model
@@ -40,9 +42,22 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH = 128
 
 
+def model_spec(spec: str) -> tuple[str, dict]:
+    """`NAME` or `NAME:KEY=VALUE,...` (model arguments, values read as YAML): `vgg_fer_s:width=0.5,fc=512`."""
+    name, _, args = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, args.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"--models {spec}: model arguments must be KEY=VALUE, e.g. vgg_fer_s:width=0.5,fc=512")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    return name, kwargs
+
+
 def ours(model: str, train: TrainData, batches: int, strength: float, compile: bool = False) -> float:
     """Images/s of the second epoch of `fit` (the first pays one-off kernel set-up and compilation)."""
-    cfg = TrainConfig(model=model, model_kwargs={}, epochs=2, batch_size=BATCH, aug_strength=strength,
+    model, kwargs = model_spec(model)
+    cfg = TrainConfig(model=model, model_kwargs=kwargs, epochs=2, batch_size=BATCH, aug_strength=strength,
                       schedule="constant", lr=1e-3, compile=compile)
     rep = MemoryReporter()
     fit(cfg, train, rep)
@@ -52,7 +67,8 @@ def ours(model: str, train: TrainData, batches: int, strength: float, compile: b
 def bare(model: str, batches: int, compile: bool = False, fast: bool = True) -> float:
     """Images/s of the model step alone; fast=False: fp32 and contiguous, as the naive pipeline."""
     fmt = torch.channels_last if fast else torch.contiguous_format
-    net = create_model(model).to(memory_format=fmt)
+    name, kwargs = model_spec(model)
+    net = create_model(name, **kwargs).to(memory_format=fmt)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     forward = torch.compile(net) if compile else net
     precision = resolve_precision("auto" if fast else "fp32", torch.device("cpu"))
@@ -91,7 +107,8 @@ def naive(model: str, folder: Path, batches: int, strength: float, mean: float, 
     ])
     loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform=tf), batch_size=BATCH,
                                          shuffle=True, num_workers=2, drop_last=True, persistent_workers=False)
-    net = create_model(model)
+    name, kwargs = model_spec(model)
+    net = create_model(name, **kwargs)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     seen, t0 = 0, None
     for i, (x, y) in enumerate(loader):
@@ -119,7 +136,8 @@ def extract_subset(zip_path: Path, out: Path, n: int, seed: int = 0) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["improved_cnn", "mini_resnet", "vgg_fer", "timm/resnet18"])
+    p.add_argument("--models", nargs="+", default=["improved_cnn", "mini_resnet", "vgg_fer", "timm/resnet18"],
+                   help="model names, each optionally with arguments: vgg_fer_s:width=0.5,fc=512")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--aug-strength", type=float, default=0.5)

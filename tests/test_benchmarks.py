@@ -95,3 +95,12 @@ def test_rung_fidelity_ranks_the_finally_best_trial_at_each_rung(efficiency):
     assert first["rho"] == pytest.approx(0.2)
     # best so far at epoch 2: 0.30, 0.35, 0.30, 0.20 -> ranks 2.5, 4, 2.5, 1 -> 3 / sqrt(4.5 * 5)
     assert (second["best_rank"], second["rho"]) == (2, pytest.approx(3 / math.sqrt(22.5)))
+
+
+def test_throughput_models_take_arguments():
+    throughput = _load("throughput")
+    assert throughput.model_spec("vgg_fer") == ("vgg_fer", {})
+    assert throughput.model_spec("vgg_fer_s:width=0.5,fc=512") == ("vgg_fer_s", {"width": 0.5, "fc": 512})
+    assert throughput.model_spec("timm/resnet18:drop_rate=0.1") == ("timm/resnet18", {"drop_rate": 0.1})
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        throughput.model_spec("vgg_fer_s:0.5")

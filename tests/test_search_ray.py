@@ -181,11 +181,12 @@ def test_resume_after_sigkill_keeps_finished_trials(ray_instance, toy_prepared, 
     # (CI saw a JSONDecodeError and an EOFError on resume). Every file cut short; --resume falls back
     # on the complete copy in .tune-snapshot.
     tune_files = [p for pattern in snapshot.TUNE_FILES for p in (tmp_path / "killed").glob(pattern)]
-    assert len(tune_files) >= 4 and (tmp_path / "killed" / snapshot.SNAPSHOT).is_dir()
+    copies = [tmp_path / "killed" / f"{snapshot.SNAPSHOT}{end}" for end in ("", ".old")]  # .old: killed mid-swap
+    assert len(tune_files) >= 4 and any(copy.is_dir() for copy in copies)
     for path in tune_files:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     # Without that copy: one line, and the folder left as it was (Tune would start the search over)
-    shutil.copytree(tmp_path / "killed", tmp_path / "nocopy", ignore=shutil.ignore_patterns(snapshot.SNAPSHOT))
+    shutil.copytree(tmp_path / "killed", tmp_path / "nocopy", ignore=shutil.ignore_patterns(f"{snapshot.SNAPSHOT}*"))
     files = {p: p.read_bytes() for p in (tmp_path / "nocopy").rglob("*") if p.is_file()}
     refused = cli(search_args(toy_prepared, tmp_path, ray_instance, "nocopy", 8) + ["--resume"])
     out, _ = refused.communicate(timeout=120)
