@@ -190,7 +190,8 @@ def test_resume_after_sigkill_keeps_finished_trials(ray_instance, toy_prepared, 
     files = {p: p.read_bytes() for p in (tmp_path / "nocopy").rglob("*") if p.is_file()}
     refused = cli(search_args(toy_prepared, tmp_path, ray_instance, "nocopy", 8) + ["--resume"])
     out, _ = refused.communicate(timeout=120)
-    assert refused.returncode == 2 and out.startswith("fer-tune: error: --resume: ") and "is cut short" in out and len(out.splitlines()) == 1
+    assert refused.returncode == 2 and len(out.splitlines()) == 1, out
+    assert out.startswith("fer-tune: error: --resume: ") and "is cut short" in out
     assert {p: p.read_bytes() for p in (tmp_path / "nocopy").rglob("*") if p.is_file()} == files
 
     proc = cli(args + ["--resume"])
