@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from fer_tune import data as fdata
+from fer_tune.cli import parse_assignment
 from fer_tune.models import create_model
 from fer_tune.train import MemoryReporter, TrainConfig, TrainData, fit
 from fer_tune.train import augment as aug
@@ -43,14 +43,18 @@ BATCH = 128
 
 
 def model_spec(spec: str) -> tuple[str, dict]:
-    """`NAME` or `NAME:KEY=VALUE,...` (model arguments, values read as YAML): `vgg_fer_s:width=0.5,fc=512`."""
+    """`NAME` or `NAME:KEY=VALUE,...` (model arguments, values read as `--set` reads them):
+    `vgg_fer_s:width=0.5,fc=512`."""
     name, _, args = spec.partition(":")
     kwargs = {}
     for item in filter(None, args.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
+        try:
+            key, value = parse_assignment(item)
+        except argparse.ArgumentTypeError:
+            key = ""
+        if not key:
             raise SystemExit(f"--models {spec}: model arguments must be KEY=VALUE, e.g. vgg_fer_s:width=0.5,fc=512")
-        kwargs[key.strip()] = yaml.safe_load(value)
+        kwargs[key] = value
     return name, kwargs
 
 

@@ -102,5 +102,6 @@ def test_throughput_models_take_arguments():
     assert throughput.model_spec("vgg_fer") == ("vgg_fer", {})
     assert throughput.model_spec("vgg_fer_s:width=0.5,fc=512") == ("vgg_fer_s", {"width": 0.5, "fc": 512})
     assert throughput.model_spec("timm/resnet18:drop_rate=0.1") == ("timm/resnet18", {"drop_rate": 0.1})
+    assert throughput.model_spec("x:eps=5e-4") == ("x", {"eps": 5e-4})  # a number, as --set reads it
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         throughput.model_spec("vgg_fer_s:0.5")
