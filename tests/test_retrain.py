@@ -401,6 +401,22 @@ def test_cli_retrain_set_changes_the_retrained_config_and_is_recorded(toy_fer, t
         assert code == 2 and message in err, err
 
 
+def test_cli_retrain_first_seed_runs_later_seeds_alone(toy_fer, tmp_path):
+    data_root, ds = toy_fer
+    exp = make_experiment(tmp_path, ds)
+    base = ["retrain", "exp", "--storage", str(tmp_path), "--data-root", str(data_root), "--quiet", "--epochs", "1"]
+    code, err = cli(base + ["--first-seed", "3", "--seeds", "2"])
+    assert code == 0, err
+    m = json.loads((exp / "final" / "metrics.json").read_text())
+    assert [(x["name"], x["seed"], x["config"]["seed"]) for x in m["models"]] == [("rank1-seed3", 3, 3),
+                                                                                ("rank1-seed4", 4, 4)]
+    assert load_checkpoint(exp / "final" / "runs" / "rank1-seed4" / "best.pt")["config"]["seed"] == 4
+    for argv, message in [(["--first-seed", "-1"], "--first-seed -1: must be >= 0"),
+                          (["--set", "seed=3"], "--set seed: retrain sets seed itself; use --seeds or --first-seed")]:
+        code, err = cli(base + ["--force"] + argv)
+        assert code == 2 and err == message, err
+
+
 def test_replacing_final_says_the_transfer_is_stale(toy_fer, tmp_path):
     data_root, ds = toy_fer
     exp = make_experiment(tmp_path, ds)

@@ -37,6 +37,8 @@ def add_commands(sub, data_root_flag) -> None:
     which.add_argument("--rank", type=int, help="retrain the trial of this rank (1 = best, the default)")
     which.add_argument("--top-k", type=int, help="retrain the K best configs and average their softmax (ensemble)")
     p.add_argument("--seeds", type=int, default=1, help="train each config with N seeds; report mean ± std")
+    p.add_argument("--first-seed", type=int, metavar="S",
+                   help="seeds S..S+N-1 instead of the trial's own seed onwards (one more seed of a recipe alone)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: --epoch-factor x the space's max_epochs)")
     p.add_argument("--epoch-factor", type=float, default=DEFAULT_EPOCH_FACTOR,
                    help="default epochs = this x max_epochs of the search (default 2: ASHA's max_t was chosen to "
@@ -126,7 +128,7 @@ def cmd_retrain(args) -> None:
             epochs=args.epochs, epoch_factor=args.epoch_factor, time_budget=args.time_budget, tta=args.tta,
             subset=args.subset, dataset=args.dataset, data_root=args.data_root, address=args.address,
             cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, device=args.device, force=args.force,
-            progress=not args.quiet, overrides=dict(args.set or []))
+            progress=not args.quiet, overrides=dict(args.set or []), first_seed=args.first_seed)
 
 
 def cmd_transfer(args) -> None:

@@ -90,14 +90,17 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
             subset: float = 1.0, dataset: str | None = None, data_root: str | Path | None = None,
             address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
             device: str | None = None, force: bool = False, progress: bool = True, log=print,
-            overrides: dict | None = None) -> dict:
+            overrides: dict | None = None, first_seed: int | None = None) -> dict:
     """Retrain, test once, write `<experiment>/final/`; returns the metrics written to metrics.json.
-    `overrides` (`--set`) change config keys of every retrained config, e.g. {"ema": 0.999}."""
+    `overrides` (`--set`) change config keys of every retrained config, e.g. {"ema": 0.999};
+    `first_seed` replaces the trial's own seed as the first of the `seeds` seeds (so one more seed of
+    a recipe can run alone: `--first-seed 1`)."""
     from fer_tune import data as datasets
     from fer_tune.data.prepared import atomic_dir
 
     t0 = time.time()
-    _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, cpus_per_run, gpus_per_run)
+    _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, cpus_per_run, gpus_per_run,
+                 first_seed)
     overrides = _check_overrides(overrides or {})
     exp = read_experiment(experiment, storage)
     if exp.final_dir.exists() and not force:
@@ -108,7 +111,7 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
         ranked = ranked[rank - 1:]
     ds = _dataset_of(exp, dataset, data_root, datasets)
     n_epochs, epochs_rule = _epochs(exp, epochs, epoch_factor, time_budget)
-    specs = plan_runs(ranked, seeds, n_epochs, time_budget or 0.0, subset, overrides)
+    specs = plan_runs(ranked, seeds, n_epochs, time_budget or 0.0, subset, overrides, first_seed)
     data = TrainData.from_prepared(ds, subset=subset, seed=exp.seed)
     log(f"retraining {len(ranked)} config(s) x {seeds} seed(s) of {exp.name} on {ds.name} "
         f"({len(data.train_y)} train / {len(data.val_y)} val images), {epochs_rule}")
@@ -167,12 +170,12 @@ def score_on_test(state: dict, images: np.ndarray, *, tta: bool = False, device:
 
 
 def plan_runs(ranked: list[RankedConfig], seeds: int, epochs: int, time_budget: float, subset: float,
-              overrides: dict | None = None) -> list[RunSpec]:
-    """One run per (config, seed): seeds are the trial's own seed + 0..seeds-1."""
+              overrides: dict | None = None, first_seed: int | None = None) -> list[RunSpec]:
+    """One run per (config, seed): seeds are `first_seed` (default: the trial's own seed) + 0..seeds-1."""
     specs = []
     for r in ranked:
         for i in range(seeds):
-            seed = r.config.seed + i
+            seed = (r.config.seed if first_seed is None else first_seed) + i
             cfg = TrainConfig.from_dict({**r.config.to_dict(), **(overrides or {}), "epochs": epochs, "seed": seed,
                                          "subset": subset, "time_budget": time_budget},
                                         source=f"--set on trial {r.trial_id}" if overrides else f"trial {r.trial_id}")
@@ -538,7 +541,7 @@ def final_markdown(m: dict, plots: dict) -> str:
 
 # -- checks -----------------------------------------------------------------------------------------
 
-def _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, cpus, gpus) -> None:
+def _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, cpus, gpus, first_seed=None) -> None:
     if rank is not None and top_k is not None:
         raise UserError("--rank and --top-k exclude each other: retrain one config (--rank N) or ensemble the K "
                         "best (--top-k K)")
@@ -548,6 +551,8 @@ def _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, 
         raise UserError(f"--top-k {top_k}: must be >= 1")
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: must be >= 1")
+    if first_seed is not None and first_seed < 0:
+        raise UserError(f"--first-seed {first_seed}: must be >= 0")
     if epochs is not None and epochs < 1:
         raise UserError(f"--epochs {epochs}: must be >= 1")
     if not epoch_factor > 0:
@@ -560,7 +565,7 @@ def _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, 
         raise UserError(f"--cpus-per-run {cpus} / --gpus-per-run {gpus}: need > 0 CPUs and >= 0 GPUs")
 
 
-OWN_FLAGS = {"epochs": "--epochs or --time-budget", "time_budget": "--time-budget", "seed": "--seeds",
+OWN_FLAGS = {"epochs": "--epochs or --time-budget", "time_budget": "--time-budget", "seed": "--seeds or --first-seed",
              "subset": "--subset"}
 
 
