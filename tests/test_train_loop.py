@@ -198,13 +198,57 @@ def test_a_run_that_reached_its_planned_end_is_not_stretched_again(toy_data, mon
     import fer_tune.train.loop as loop
 
     plans = {1: 3, 2: 3, 3: 5}  # after epoch n, the epochs that would fit at the recent pace
-    monkeypatch.setattr(loop, "_replan_for_budget", lambda cfg, history, start, schedule:
+    monkeypatch.setattr(loop, "_replan_for_budget", lambda cfg, history, start, schedule, *args:
                         schedule.resize(plans[len(history)]))
     rep = MemoryReporter()
     result = fit(TrainConfig(**{**FAST, "epochs": 1000, "time_budget": 60.0}), toy_data, rep)
     lrs = [h["lr"] for h in rep.history]
     assert result.epochs_run == result.config.epochs == 3
     assert lrs[-1] < 1e-6 * max(lrs) and min(lrs[:-1]) > 0.1 * max(lrs)
+
+
+def _replan_as_rank(rank: int, port: int, seconds_gone: float, out) -> None:
+    """One of two gloo workers re-planning a 100 s budget after `seconds_gone` s at 1 s per epoch."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from fer_tune.train.loop import _replan_for_budget
+    from fer_tune.train.optim import Schedule
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    cfg = TrainConfig(**{**FAST, "epochs": 50, "time_budget": 100.0})
+    schedule = Schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), cfg, steps_per_epoch=10)
+    history = [{"epoch": e, "epoch_seconds": 1.0} for e in (1, 2, 3)]
+    planned = _replan_for_budget(cfg, history, time.perf_counter() - seconds_gone, schedule, 2, "cpu")
+    out.put((rank, planned, schedule.total))
+    dist.destroy_process_group()
+
+
+def test_data_parallel_workers_agree_on_the_replanned_epochs():
+    """Workers that time the same epochs a little differently must plan the same number of epochs
+    (one with an epoch more would wait for the others forever); they take the smallest plan."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    # Rank 0 has 100 - 10.5 s left (89 more epochs), rank 1 100 - 40.5 s (59 more).
+    workers = [ctx.Process(target=_replan_as_rank, args=(rank, port, gone, out))
+               for rank, gone in ((0, 10.5), (1, 40.5))]
+    for w in workers:
+        w.start()
+    results = sorted(out.get(timeout=120) for _ in workers)
+    for w in workers:
+        w.join(timeout=60)
+    assert [planned for _, planned, _ in results] == [3 + 59, 3 + 59]
+    assert [total for _, _, total in results] == [62 * 10, 62 * 10]  # both schedules stretched alike
 
 
 def test_ema_weights_are_the_ones_scored_saved_and_selected(toy_data, tmp_path):

@@ -262,7 +262,7 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
             # Re-plan while epochs are left: the last planned epoch has annealed the schedule to its
             # end, and stretching it then would restart the learning rate from ~0 (a warm restart).
             if cfg.time_budget > 0 and resume is None and epoch < cfg.epochs:
-                planned = _replan_for_budget(cfg, history, run_start, schedule)
+                planned = _replan_for_budget(cfg, history, run_start, schedule, world, device)
                 if planned != cfg.epochs:
                     cfg = cfg.replace(epochs=planned)
                     reporter.replan(planned)
@@ -290,19 +290,27 @@ def new_ema(model: torch.nn.Module, cfg: TrainConfig):
     return ModelEmaV3(model, decay=cfg.ema, use_warmup=True, warmup_power=3 / 4)
 
 
-def _replan_for_budget(cfg: TrainConfig, history: list[dict], run_start: float, schedule: Schedule) -> int:
+def _replan_for_budget(cfg: TrainConfig, history: list[dict], run_start: float, schedule: Schedule,
+                       world: int = 1, device: torch.device | str = "cpu") -> int:
     """Epochs that still fit in the time budget at the recent pace (the machine's load may have
     changed since the first estimate); the schedule is stretched or shrunk to match.
 
     The pace is the median of the last three epochs after the first: the first pays one-off set-up
-    (kernel selection, allocations), and one slow epoch should not collapse the schedule.
+    (kernel selection, allocations), and one slow epoch should not collapse the schedule. Data-parallel
+    workers time themselves a little differently, so they agree on the smallest plan: one that ran an
+    epoch more than the others would wait for them forever in its first all-reduce.
     """
     recent = sorted(h["epoch_seconds"] for h in history[1:][-3:])
     if not recent:
         return cfg.epochs
     pace = recent[len(recent) // 2]
     remaining = cfg.time_budget - (time.perf_counter() - run_start)
-    return schedule.resize(int(history[-1]["epoch"]) + max(0, int(remaining / pace)))
+    planned = int(history[-1]["epoch"]) + max(0, int(remaining / pace))
+    if world > 1:
+        agreed = torch.tensor([planned], dtype=torch.int64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        planned = int(agreed)
+    return schedule.resize(planned)
 
 
 def classifier_of(model: torch.nn.Module) -> torch.nn.Module:
