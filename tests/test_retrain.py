@@ -381,10 +381,16 @@ def test_cli_retrain_rank(toy_fer, tmp_path, capsys):
         cli(["retrain", "exp", "--rank", "1", "--top-k", "2"])
 
 
-def test_cli_retrain_set_changes_the_retrained_config_and_is_recorded(toy_fer, tmp_path):
+def one_epoch_retrain_cli(toy_fer, tmp_path) -> tuple:
+    """A toy experiment under tmp_path and the `fer-tune retrain` arguments of a 1-epoch retrain of it."""
     data_root, ds = toy_fer
     exp = make_experiment(tmp_path, ds)
-    base = ["retrain", "exp", "--storage", str(tmp_path), "--data-root", str(data_root), "--quiet", "--epochs", "1"]
+    return exp, ["retrain", "exp", "--storage", str(tmp_path), "--data-root", str(data_root), "--quiet",
+                 "--epochs", "1"]
+
+
+def test_cli_retrain_set_changes_the_retrained_config_and_is_recorded(toy_fer, tmp_path):
+    exp, base = one_epoch_retrain_cli(toy_fer, tmp_path)
     code, err = cli(base + ["--set", "ema=0.99", "--set", "label_smoothing=0"])
     assert code == 0, err
     m = json.loads((exp / "final" / "metrics.json").read_text())
@@ -402,9 +408,7 @@ def test_cli_retrain_set_changes_the_retrained_config_and_is_recorded(toy_fer, t
 
 
 def test_cli_retrain_first_seed_runs_later_seeds_alone(toy_fer, tmp_path):
-    data_root, ds = toy_fer
-    exp = make_experiment(tmp_path, ds)
-    base = ["retrain", "exp", "--storage", str(tmp_path), "--data-root", str(data_root), "--quiet", "--epochs", "1"]
+    exp, base = one_epoch_retrain_cli(toy_fer, tmp_path)
     code, err = cli(base + ["--first-seed", "3", "--seeds", "2"])
     assert code == 0, err
     m = json.loads((exp / "final" / "metrics.json").read_text())
