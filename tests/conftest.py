@@ -1,5 +1,6 @@
 import atexit
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -26,6 +27,13 @@ def pytest_sessionfinish(session, exitstatus):
         os._exit(status)
 
     atexit.register(leave)  # registered last, so it runs first
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def toy_arrays(n: int, seed: int, size: int = 48, num_classes: int = 7):

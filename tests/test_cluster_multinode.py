@@ -5,7 +5,6 @@ and `--resume` reading the experiment back from the bucket.
 """
 
 import io
-import socket
 import shutil
 
 import pandas as pd
@@ -13,7 +12,7 @@ import pytest
 import ray
 import yaml
 
-from conftest import toy_arrays
+from conftest import free_port, toy_arrays
 from fer_tune.errors import UserError
 from fer_tune.search import cluster
 from fer_tune.search.space import parse_space
@@ -30,12 +29,6 @@ SPACE = {"max_epochs": 2, "grace_period": 2, "reduction_factor": 2, "model": "si
          "aug_strength": 0.0, "schedule": "constant", "label_smoothing": 0.0,
          "lr": {"loguniform": [1e-3, 1e-2]}}
 BUCKET = "fer-tune-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

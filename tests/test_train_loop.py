@@ -230,13 +230,10 @@ def _replan_as_rank(rank: int, port: int, seconds_gone: float, out) -> None:
 def test_data_parallel_workers_agree_on_the_replanned_epochs():
     """Workers that time the same epochs a little differently must plan the same number of epochs
     (one with an epoch more would wait for the others forever); they take the smallest plan."""
-    import socket
-
     import torch.multiprocessing as mp
+    from conftest import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     # Rank 0 has 100 - 10.5 s left (89 more epochs), rank 1 100 - 40.5 s (59 more).
