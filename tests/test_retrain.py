@@ -414,6 +414,7 @@ def test_cli_retrain_first_seed_runs_later_seeds_alone(toy_fer, tmp_path):
     m = json.loads((exp / "final" / "metrics.json").read_text())
     assert [(x["name"], x["seed"], x["config"]["seed"]) for x in m["models"]] == [("rank1-seed3", 3, 3),
                                                                                 ("rank1-seed4", 4, 4)]
+    assert m["protocol"]["first_seed"] == 3
     assert load_checkpoint(exp / "final" / "runs" / "rank1-seed4" / "best.pt")["config"]["seed"] == 4
     for argv, message in [(["--first-seed", "-1"], "--first-seed -1: must be >= 0"),
                           (["--set", "seed=3"], "--set seed: retrain sets seed itself; use --seeds or --first-seed")]:

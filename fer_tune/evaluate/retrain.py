@@ -142,7 +142,7 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
         ensembles = _ensembles(runs, probs, test) if len(ranked) > 1 else []
         plain_ensembles = _ensembles(runs, plain, test) if tta and len(ranked) > 1 else []
         metrics = _metrics(exp, ds, ranked, runs, ensembles, test, tta=tta, seeds=seeds, epochs_rule=epochs_rule,
-                           overrides=overrides,
+                           overrides=overrides, first_seed=first_seed,
                            subset=subset, seconds=time.time() - t0, plain_ensembles=plain_ensembles)
         write_final_report(out, metrics, runs, ds)
     log(summary_text(metrics, exp.final_dir))
@@ -394,7 +394,7 @@ def summarize(tests: list[dict], classes) -> dict:
 
 
 def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tta, seeds, epochs_rule, subset,
-             seconds, plain_ensembles=(), overrides=None) -> dict:
+             seconds, plain_ensembles=(), overrides=None, first_seed=None) -> dict:
     final_tests = [e["test"] for e in ensembles] if ensembles else [r.test for r in runs]
     final = {"kind": f"ensemble of the top {len(ranked)} configs (softmax average)" if ensembles else "single model",
              "models": [e["name"] for e in ensembles] or [r.spec.name for r in runs],
@@ -411,7 +411,8 @@ def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tt
                     "test_images": int(len(test.labels)),
                     "test_with_train_copy": int(np.sum(test.train_copy)) if test.train_copy is not None else None},
         "protocol": {"selection": f"best val epoch by {runs[0].config.select_metric}", "epochs": epochs_rule,
-                     "seeds": seeds, "top_k": len(ranked), "tta": "horizontal flip" if tta else "none",
+                     "seeds": seeds, "first_seed": "trial's own" if first_seed is None else first_seed,
+                     "top_k": len(ranked), "tta": "horizontal flip" if tta else "none",
                      "train_subset": subset, "test_evaluations_per_model": 1,
                      "search_metric": exp.metric, "search_mode": exp.mode, "overrides": overrides or {}},
         "configs": [{"rank": r.rank, "trial_id": r.trial_id, f"search_best_{exp.metric}": r.score,
