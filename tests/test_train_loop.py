@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import free_port
 
 from fer_tune.train import (MemoryReporter, Reporter, RunFolderReporter, TrainConfig, TrainingDiverged, fit,
                             load_checkpoint, model_from_checkpoint)
@@ -231,7 +232,6 @@ def test_data_parallel_workers_agree_on_the_replanned_epochs():
     """Workers that time the same epochs a little differently must plan the same number of epochs
     (one with an epoch more would wait for the others forever); they take the smallest plan."""
     import torch.multiprocessing as mp
-    from conftest import free_port
 
     port = free_port()
     ctx = mp.get_context("spawn")

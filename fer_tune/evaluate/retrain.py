@@ -411,7 +411,7 @@ def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tt
                     "test_images": int(len(test.labels)),
                     "test_with_train_copy": int(np.sum(test.train_copy)) if test.train_copy is not None else None},
         "protocol": {"selection": f"best val epoch by {runs[0].config.select_metric}", "epochs": epochs_rule,
-                     "seeds": seeds, "first_seed": "trial's own" if first_seed is None else first_seed,
+                     "seeds": seeds, "first_seed": first_seed,  # None: each config's own trial seed
                      "top_k": len(ranked), "tta": "horizontal flip" if tta else "none",
                      "train_subset": subset, "test_evaluations_per_model": 1,
                      "search_metric": exp.metric, "search_mode": exp.mode, "overrides": overrides or {}},
