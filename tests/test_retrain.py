@@ -294,7 +294,7 @@ def test_top_k_ensemble_averages_the_softmax_of_the_k_best(toy_fer, tmp_path, mo
 def test_errors_leave_nothing_half_written(toy_fer, tmp_path, monkeypatch):
     data_root, ds = toy_fer
     exp = make_experiment(tmp_path, ds)
-    with pytest.raises(UserError, match="--rank and --top-k exclude each other"):
+    with pytest.raises(UserError, match="--rank, --top-k and --screen exclude each other"):
         retrain("exp", storage=tmp_path, data_root=data_root, rank=1, top_k=2, **QUIET)
     with pytest.raises(UserError, match="no search experiment 'nope'"):
         retrain("nope", storage=tmp_path, data_root=data_root, **QUIET)
@@ -440,3 +440,51 @@ def test_replacing_final_says_the_transfer_is_stale(toy_fer, tmp_path):
         retrain("exp", storage=tmp_path, data_root=data_root, epochs=1, force=True, progress=False,
                 log=lines.append)
         assert any(line.startswith(note) for line in lines) == stale, lines
+
+
+def test_screen_retrains_the_config_that_did_best_in_its_short_run(toy_fer, tmp_path):
+    data_root, ds = toy_fer
+    exp = make_experiment(tmp_path, ds)
+    best = json.loads((exp / "best.json").read_text())
+    best["config"]["lr"] = 1e-9  # the search's rank 1 cannot learn in the screen: another config must win
+    (exp / "best.json").write_text(json.dumps(best))
+    reads, lines = [], []
+    original = PreparedDataset.arrays
+
+    def arrays(self, split):
+        reads.append(split)
+        return original(self, split)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PreparedDataset, "arrays", arrays)
+        m = retrain("exp", storage=tmp_path, data_root=data_root, screen=3, screen_budget=1.0, epochs=1,
+                    progress=False, log=lines.append)
+    screen = m["screen"]
+    assert [x["trial_id"] for x in screen["runs"]] == ["t1", "t2", "t3"] and screen["budget_s"] == 1.0
+    val = {x["rank"]: x["val"]["val_acc"] for x in screen["runs"]}
+    assert screen["chosen_rank"] == max(val, key=val.get) != 1
+    assert all(x["epochs_run"] >= 1 for x in screen["runs"])
+    # Only the chosen config is retrained, under its own rank; the test split is read once, at the end.
+    (model,) = m["models"]
+    assert model["rank"] == screen["chosen_rank"] and [c["rank"] for c in m["configs"]] == [screen["chosen_rank"]]
+    assert reads.count("test") == 1 and reads[-1] == "test"
+    assert f"retraining rank {screen['chosen_rank']}" in "\n".join(lines)
+    final = exp / "final"
+    assert sorted(p.name for p in (final / "screen").iterdir()) == ["rank1-seed0", "rank2-seed0", "rank3-seed0"]
+    assert not list((final / "screen").rglob("*.pt"))  # screen runs are not final models
+    assert (final / "screen" / "rank2-seed0" / "metrics.csv").exists()
+    report = (final / "report.md").read_text()
+    assert "## Screening" in report and f"rank {screen['chosen_rank']}, best by val_acc, retrained" in \
+        m["protocol"]["screen"]
+
+
+def test_screen_flags(toy_fer, tmp_path):
+    exp, base = one_epoch_retrain_cli(toy_fer, tmp_path)
+    for argv, message in [(["--screen", "1"], "--screen 1: must be >= 2"),
+                          (["--screen-budget", "5m"], "--screen-budget 300.0: needs --screen K"),
+                          (["--screen", "9"], "--rank/--top-k/--screen 9: "), ]:
+        code, err = cli(base + argv)
+        assert code == 2 and message in err, err
+    with pytest.raises(SystemExit):  # argparse: --screen excludes --rank and --top-k
+        cli(base + ["--screen", "2", "--rank", "1"])
+    assert not (exp / "final").exists()

@@ -36,6 +36,12 @@ def add_commands(sub, data_root_flag) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--rank", type=int, help="retrain the trial of this rank (1 = best, the default)")
     which.add_argument("--top-k", type=int, help="retrain the K best configs and average their softmax (ensemble)")
+    which.add_argument("--screen", type=int, metavar="K",
+                       help="train the K best configs for --screen-budget each, then retrain the one with the best "
+                            "val score (the search's short trials can rank them otherwise than a long run)")
+    p.add_argument("--screen-budget", type=_duration, metavar="DURATION",
+                   help="with --screen: training time per config, e.g. 10m (default: a sixth of --time-budget, "
+                        "else 10m)")
     p.add_argument("--seeds", type=int, default=1, help="train each config with N seeds; report mean ± std")
     p.add_argument("--first-seed", type=int, metavar="S",
                    help="seeds S..S+N-1 instead of the trial's own seed onwards (one more seed of a recipe alone)")
@@ -128,7 +134,8 @@ def cmd_retrain(args) -> None:
             epochs=args.epochs, epoch_factor=args.epoch_factor, time_budget=args.time_budget, tta=args.tta,
             subset=args.subset, dataset=args.dataset, data_root=args.data_root, address=args.address,
             cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, device=args.device, force=args.force,
-            progress=not args.quiet, overrides=dict(args.set or []), first_seed=args.first_seed)
+            progress=not args.quiet, overrides=dict(args.set or []), first_seed=args.first_seed,
+            screen=args.screen, screen_budget=args.screen_budget)
 
 
 def cmd_transfer(args) -> None:

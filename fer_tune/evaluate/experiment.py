@@ -90,7 +90,7 @@ def ranked_configs(exp: Experiment, count: int) -> list[RankedConfig]:
     and trials without the metric left out. Configs come from best.json for the best trial when it
     is there, else from the table's hyperparameter columns through the space in search.yaml."""
     if count < 1:
-        raise UserError(f"--rank/--top-k {count}: must be >= 1")
+        raise UserError(f"--rank/--top-k/--screen {count}: must be >= 1")
     df = exp.table
     key = f"best_{exp.metric}"
     rows: list[dict] = []
@@ -106,7 +106,7 @@ def ranked_configs(exp: Experiment, count: int) -> list[RankedConfig]:
         raise UserError(f"{exp.path}: no finished trial with {key} in trials.csv or best.json; "
                         f"let the search run longer (`fer-tune trials {exp.path}` shows the table)")
     if count > len(rows):
-        raise UserError(f"--rank/--top-k {count}: {exp.path} has only {len(rows)} ranked trial(s)")
+        raise UserError(f"--rank/--top-k/--screen {count}: {exp.path} has only {len(rows)} ranked trial(s)")
     out = []
     for rank, row in enumerate(rows[:count], start=1):
         out.append(RankedConfig(rank=rank, trial_id=str(row.get("trial_id", rank)), score=row.get(key),

@@ -10,6 +10,9 @@ What it does:
 2. trains each config `seeds` times from scratch on the full train split (`fit`, the one loop),
    for `epochs` = `epoch_factor` x the space's `max_epochs` unless `--epochs`/`--time-budget` say
    otherwise; each run keeps the weights of its best val epoch (the search metric);
+   With `screen` K the K best configs first train for `screen_budget` seconds each on the same
+   train split (their first seed) and only the one with the best val score is retrained: see
+   `screen_configs`;
 3. only then reads the test split, and scores every final model on it exactly once
    (`score_on_test`); with `top_k` > 1 the K models of a seed are also averaged (softmax) into an
    ensemble, scored from the same probabilities;
@@ -50,6 +53,7 @@ from fer_tune.train.loop import TrainData, fit
 from fer_tune.train.report import RunFolderReporter
 
 DEFAULT_EPOCH_FACTOR = 2.0
+DEFAULT_SCREEN_BUDGET = 600.0  # seconds per screened config without --time-budget
 SUBSETS = ("all", "no_train_copy")
 
 
@@ -90,41 +94,55 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
             subset: float = 1.0, dataset: str | None = None, data_root: str | Path | None = None,
             address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
             device: str | None = None, force: bool = False, progress: bool = True, log=print,
-            overrides: dict | None = None, first_seed: int | None = None) -> dict:
+            overrides: dict | None = None, first_seed: int | None = None, screen: int | None = None,
+            screen_budget: float | None = None) -> dict:
     """Retrain, test once, write `<experiment>/final/`; returns the metrics written to metrics.json.
     `overrides` (`--set`) change config keys of every retrained config, e.g. {"ema": 0.999};
     `first_seed` replaces the trial's own seed as the first of the `seeds` seeds (so one more seed of
-    a recipe can run alone: `--first-seed 1`)."""
+    a recipe can run alone: `--first-seed 1`); `screen` K first trains the K best configs for
+    `screen_budget` seconds each (default: a sixth of `time_budget`, else 10 minutes) and retrains
+    the one with the best val score."""
     from fer_tune import data as datasets
     from fer_tune.data.prepared import atomic_dir
 
     t0 = time.time()
     _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, cpus_per_run, gpus_per_run,
-                 first_seed)
+                 first_seed, screen, screen_budget)
+    if screen:
+        screen_budget = screen_budget or (time_budget / 6 if time_budget else DEFAULT_SCREEN_BUDGET)
     overrides = _check_overrides(overrides or {})
     exp = read_experiment(experiment, storage)
     if exp.final_dir.exists() and not force:
         raise UserError(f"{exp.final_dir} already exists; pass --force to replace it (it is replaced only when the "
                         "new retrain has finished)")
-    ranked = exp.ranked(top_k or rank or 1)
+    ranked = exp.ranked(screen or top_k or rank or 1)
     if rank:
         ranked = ranked[rank - 1:]
     ds = _dataset_of(exp, dataset, data_root, datasets)
     n_epochs, epochs_rule = _epochs(exp, epochs, epoch_factor, time_budget)
-    specs = plan_runs(ranked, seeds, n_epochs, time_budget or 0.0, subset, overrides, first_seed)
     data = TrainData.from_prepared(ds, subset=subset, seed=exp.seed)
-    log(f"retraining {len(ranked)} config(s) x {seeds} seed(s) of {exp.name} on {ds.name} "
-        f"({len(data.train_y)} train / {len(data.val_y)} val images), {epochs_rule}")
+    sizes = f"({len(data.train_y)} train / {len(data.val_y)} val images)"
+    if screen:
+        log(f"screening the {len(ranked)} best configs of {exp.name} on {ds.name} {sizes} for {screen_budget:.0f} s "
+            f"each, then retraining the best {seeds} time(s), {epochs_rule}")
+    else:
+        log(f"retraining {len(ranked)} config(s) x {seeds} seed(s) of {exp.name} on {ds.name} {sizes}, "
+            f"{epochs_rule}")
+    train_opts = dict(address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, storage=str(storage),
+                      cloud=remote_experiment(experiment and str(experiment), storage), device=device,
+                      progress=progress, log=log)
 
     # With --force and a transfer/: was it made from one of the models this retrain replaces?
     transfer_source = _transfer_source_hash(exp)
     transfer_goes_stale = transfer_source is not None and transfer_source in _checkpoint_hashes(exp.final_dir)
     with atomic_dir(exp.path, "final") as out:
         try:
-            runs = train_runs(specs, data, out / "runs", address=address, cpus_per_run=cpus_per_run,
-                              gpus_per_run=gpus_per_run, storage=str(storage),
-                              cloud=remote_experiment(experiment and str(experiment), storage), device=device,
-                              progress=progress, log=log)
+            screening = None
+            if screen:
+                ranked, screening = screen_configs(ranked, data, out / "screen", budget=screen_budget, subset=subset,
+                                                   overrides=overrides, first_seed=first_seed, **train_opts)
+            specs = plan_runs(ranked, seeds, n_epochs, time_budget or 0.0, subset, overrides, first_seed)
+            runs = train_runs(specs, data, out / "runs", **train_opts)
         except RunFailed as exc:  # one run failed: no final model set, so nothing is written
             raise RunFailed(f"{first_line(exc)}; {exp.final_dir} was not written") from None
         # The test split: read once, after every model is final; each model predicts it once.
@@ -143,7 +161,8 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
         plain_ensembles = _ensembles(runs, plain, test) if tta and len(ranked) > 1 else []
         metrics = _metrics(exp, ds, ranked, runs, ensembles, test, tta=tta, seeds=seeds, epochs_rule=epochs_rule,
                            overrides=overrides, first_seed=first_seed,
-                           subset=subset, seconds=time.time() - t0, plain_ensembles=plain_ensembles)
+                           subset=subset, seconds=time.time() - t0, plain_ensembles=plain_ensembles,
+                           screening=screening)
         write_final_report(out, metrics, runs, ds)
     log(summary_text(metrics, exp.final_dir))
     if transfer_goes_stale:
@@ -182,6 +201,34 @@ def plan_runs(ranked: list[RankedConfig], seeds: int, epochs: int, time_budget: 
             specs.append(RunSpec(name=f"rank{r.rank}-seed{seed}", rank=r.rank, trial_id=r.trial_id, seed=seed,
                                  seed_index=i, config=cfg, search_score=r.score))
     return specs
+
+
+def screen_configs(ranked: list[RankedConfig], data: TrainData, screen_dir: Path, *, budget: float, subset: float,
+                   overrides: dict | None = None, first_seed: int | None = None, log=print,
+                   **train_opts) -> tuple[list[RankedConfig], dict]:
+    """The last rung of the search, at the retrain's fidelity: each config trains for `budget`
+    seconds on the retrain's train split (its first seed, its schedule sized to the budget), and the
+    one with the best val score (by its select_metric) goes on to the full retrain. Why: the search
+    ranks configs by short trials on a subset, and which one wins an hour-long run can differ
+    (README, the CPU-sized search). Val only; the test split is not read. The runs' folders stay
+    under `screen_dir` (curves, no checkpoint: they are not final models)."""
+    specs = plan_runs(ranked, 1, 100_000, budget, subset, overrides, first_seed)
+    runs = train_runs(specs, data, screen_dir, log=log, **train_opts)
+    metric = runs[0].config.select_metric
+    sign = -1.0 if metric == "val_loss" else 1.0  # as the loop selects its best epoch
+    winner = max(runs, key=lambda r: sign * r.best[metric])
+    rows = []
+    for r in runs:
+        r.checkpoint.unlink(missing_ok=True)
+        rows.append({"rank": r.spec.rank, "trial_id": r.spec.trial_id, "model": r.config.model, "seed": r.spec.seed,
+                     "search_score": r.spec.search_score, "epochs_run": r.epochs_run,
+                     "best_epoch": r.best.get("epoch"), "seconds": round(r.seconds, 1),
+                     "val": {k: v for k, v in r.best.items() if k.startswith("val_")},
+                     "folder": f"screen/{r.spec.name}"})
+    log("screen: " + ", ".join(f"rank {x['rank']} ({x['model']}) {metric} {x['val'][metric]:.4f} after "
+                              f"{x['epochs_run']} epochs" for x in rows) + f"; retraining rank {winner.spec.rank}")
+    chosen = next(c for c in ranked if c.rank == winner.spec.rank)
+    return [chosen], {"budget_s": budget, "metric": metric, "chosen_rank": chosen.rank, "runs": rows}
 
 
 # -- training the runs -----------------------------------------------------------------------------
@@ -394,7 +441,7 @@ def summarize(tests: list[dict], classes) -> dict:
 
 
 def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tta, seeds, epochs_rule, subset,
-             seconds, plain_ensembles=(), overrides=None, first_seed=None) -> dict:
+             seconds, plain_ensembles=(), overrides=None, first_seed=None, screening=None) -> dict:
     final_tests = [e["test"] for e in ensembles] if ensembles else [r.test for r in runs]
     final = {"kind": f"ensemble of the top {len(ranked)} configs (softmax average)" if ensembles else "single model",
              "models": [e["name"] for e in ensembles] or [r.spec.name for r in runs],
@@ -414,7 +461,10 @@ def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tt
                      "seeds": seeds, "first_seed": first_seed,  # None: each config's own trial seed
                      "top_k": len(ranked), "tta": "horizontal flip" if tta else "none",
                      "train_subset": subset, "test_evaluations_per_model": 1,
-                     "search_metric": exp.metric, "search_mode": exp.mode, "overrides": overrides or {}},
+                     "search_metric": exp.metric, "search_mode": exp.mode, "overrides": overrides or {},
+                     "screen": (f"the top {len(screening['runs'])} configs trained {screening['budget_s']:.0f} s "
+                                f"each; rank {screening['chosen_rank']}, best by {screening['metric']}, retrained"
+                                if screening else None)},
         "configs": [{"rank": r.rank, "trial_id": r.trial_id, f"search_best_{exp.metric}": r.score,
                      "params": r.params, "config": r.config.to_dict()} for r in ranked],
         "final": final,
@@ -424,6 +474,7 @@ def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tt
                     "val": {k: v for k, v in r.best.items() if k.startswith("val_")}, "config": r.config.to_dict(),
                     "test": r.test} | ({"test_without_tta": r.test_without_tta} if tta else {}) for r in runs],
         "ensembles": ensembles,
+        "screen": screening,
         "seconds": round(seconds, 1),
     }
 
@@ -487,6 +538,16 @@ def final_markdown(m: dict, plots: dict) -> str:
         + f"with {p['seeds']} seed(s); epochs: {p['epochs']}. Each run keeps the weights of its {p['selection']}; "
         f"the test split ({d['test_images']} images) was scored once per model, after training. "
         f"Test-time augmentation: {p['tta']}.", ""]
+    if m.get("screen"):
+        sc = m["screen"]
+        lines += ["## Screening", "", f"Before the retrain, the search's {len(sc['runs'])} best configs each trained "
+                  f"for {sc['budget_s']:.0f} s on the same train split; the best by {sc['metric']} (rank "
+                  f"{sc['chosen_rank']}) was retrained. Curves in `screen/`.", ""]
+        rows = [[x["rank"], f"`{x['trial_id']}`", x["model"], x["search_score"], x["epochs_run"], x["best_epoch"],
+                 x["val"].get(sc["metric"]), "retrained" if x["rank"] == sc["chosen_rank"] else ""]
+                for x in sc["runs"]]
+        lines += [rep.md_table(["rank", "trial", "model", f"search {m['protocol']['search_metric']}", "epochs",
+                                "best epoch", sc["metric"], ""], rows), ""]
     lines += ["## Test results", ""]
     rows = []
     names = {"all": "full test split", "no_train_copy": "test images with no copy in train"}
@@ -542,10 +603,15 @@ def final_markdown(m: dict, plots: dict) -> str:
 
 # -- checks -----------------------------------------------------------------------------------------
 
-def _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, cpus, gpus, first_seed=None) -> None:
-    if rank is not None and top_k is not None:
-        raise UserError("--rank and --top-k exclude each other: retrain one config (--rank N) or ensemble the K "
-                        "best (--top-k K)")
+def _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, cpus, gpus, first_seed=None,
+                 screen=None, screen_budget=None) -> None:
+    if sum(x is not None for x in (rank, top_k, screen)) > 1:
+        raise UserError("--rank, --top-k and --screen exclude each other: retrain one config (--rank N), ensemble "
+                        "the K best (--top-k K), or retrain the best of the K best after a short run each (--screen K)")
+    if screen is not None and screen < 2:
+        raise UserError(f"--screen {screen}: must be >= 2 (the number of top configs to compare)")
+    if screen_budget is not None and (screen is None or not screen_budget > 0):
+        raise UserError(f"--screen-budget {screen_budget}: needs --screen K and a duration > 0, e.g. 10m")
     if rank is not None and rank < 1:
         raise UserError(f"--rank {rank}: must be >= 1 (1 = the best trial)")
     if top_k is not None and top_k < 1:
