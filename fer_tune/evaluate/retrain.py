@@ -10,7 +10,7 @@ What it does:
 2. trains each config `seeds` times from scratch on the full train split (`fit`, the one loop),
    for `epochs` = `epoch_factor` x the space's `max_epochs` unless `--epochs`/`--time-budget` say
    otherwise; each run keeps the weights of its best val epoch (the search metric);
-   With `screen` K the K best configs first train for `screen_budget` seconds each on the same
+   with `screen` K the K best configs first train for `screen_budget` seconds each on the same
    train split (their first seed) and only the one with the best val score is retrained: see
    `screen_configs`;
 3. only then reads the test split, and scores every final model on it exactly once
