@@ -48,7 +48,7 @@ from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, split_scor
 from fer_tune.evaluate.experiment import Experiment, RankedConfig, read_experiment
 from fer_tune.search.storage import remote_experiment
 from fer_tune.train.checkpoint import load_checkpoint
-from fer_tune.train.config import TrainConfig
+from fer_tune.train.config import TrainConfig, selection_sign
 from fer_tune.train.loop import TrainData, fit
 from fer_tune.train.report import RunFolderReporter
 
@@ -215,8 +215,7 @@ def screen_configs(ranked: list[RankedConfig], data: TrainData, screen_dir: Path
     specs = plan_runs(ranked, 1, 100_000, budget, subset, overrides, first_seed)
     runs = train_runs(specs, data, screen_dir, log=log, **train_opts)
     metric = runs[0].config.select_metric
-    sign = -1.0 if metric == "val_loss" else 1.0  # as the loop selects its best epoch
-    winner = max(runs, key=lambda r: sign * r.best[metric])
+    winner = max(runs, key=lambda r: selection_sign(metric) * r.best[metric])  # as the loop picks its best epoch
     rows = []
     for r in runs:
         r.checkpoint.unlink(missing_ok=True)

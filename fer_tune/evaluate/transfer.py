@@ -35,7 +35,7 @@ from fer_tune.evaluate import report as rep
 from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, split_scores
 from fer_tune.evaluate.experiment import read_experiment
 from fer_tune.train.checkpoint import load_checkpoint
-from fer_tune.train.config import TrainConfig
+from fer_tune.train.config import TrainConfig, selection_sign
 from fer_tune.train.loop import TrainData, fit
 from fer_tune.train.report import RunFolderReporter
 
@@ -158,7 +158,7 @@ def _source_checkpoint(exp, checkpoint) -> tuple[Path, dict]:
                         f"{exp.name}` first or pass --checkpoint PATH")
     models = [m for m in meta["models"] if m.get("rank") == 1] or meta["models"]
     select = (models[0].get("config") or {}).get("select_metric", "val_acc")
-    sign = -1 if select == "val_loss" else 1
+    sign = selection_sign(select)
     best = max(models, key=lambda m: sign * (m.get("val") or {}).get(select, -sign * np.inf))
     return exp.final_dir / best["checkpoint"], meta
 

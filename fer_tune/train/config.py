@@ -23,6 +23,12 @@ FREEZE = ("none", "lower", "backbone")
 METRICS = ("val_acc", "val_macro_f1", "val_loss")
 
 
+def selection_sign(metric: str) -> float:
+    """+1 when a larger value of the selection metric is better, -1 when smaller is (val_loss):
+    how every run's best epoch, and every choice between runs, is made."""
+    return -1.0 if metric == "val_loss" else 1.0
+
+
 MODEL_KW = "model_kwargs."  # flat spelling of one model argument: model_kwargs.width
 
 

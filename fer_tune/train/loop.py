@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from fer_tune.errors import RunFailed
 from fer_tune.models import create_model
 from fer_tune.train.augment import augment, mix_batch
-from fer_tune.train.config import TrainConfig
+from fer_tune.train.config import TrainConfig, selection_sign
 from fer_tune.train.losses import class_weights
 from fer_tune.train.metrics import scores_from_confusion, confusion_matrix
 from fer_tune.train.optim import Schedule, make_optimizer
@@ -173,7 +173,7 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
         return {"val_loss": float(F.cross_entropy(logits, val_y)), "val_acc": scores["accuracy"],
                 "val_macro_f1": scores["macro_f1"]}
 
-    sign = -1.0 if cfg.select_metric == "val_loss" else 1.0
+    sign = selection_sign(cfg.select_metric)
     history: list[dict] = []
     best: dict = {}
     best_state: dict = {}

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from fer_tune.train.config import TrainConfig
+from fer_tune.train.config import TrainConfig, selection_sign
 
 
 # Optimizers with a fused kernel (one pass over all parameters) on these devices. On the CPU the
@@ -65,7 +65,7 @@ class Schedule:
         elif cfg.schedule == "onecycle":
             self.per_step = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=self.total)
         elif cfg.schedule == "plateau":
-            mode = "min" if cfg.select_metric == "val_loss" else "max"
+            mode = "max" if selection_sign(cfg.select_metric) > 0 else "min"
             self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=2)
         self.optimizer = optimizer
 
