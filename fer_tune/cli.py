@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -176,9 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_like_ctrl_c(signum, frame) -> None:
+    """SIGTERM (`kill PID`, `timeout`, `docker stop`, a job scheduler) ends a command as Ctrl-C does:
+    through the SIGINT handler in force (Tune's graceful stop during a search, else KeyboardInterrupt),
+    so half-written output is removed and an interrupted search writes its tables. Python's default
+    SIGTERM exits at once and would leave them behind."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):  # Python's default_int_handler raises KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+    else:  # SIG_IGN or SIG_DFL, e.g. a background job of a non-interactive shell ignores SIGINT
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _stop_like_ctrl_c) if in_main_thread else None
     try:
         args.func(args)
     except UserError as exc:
@@ -190,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fer-tune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

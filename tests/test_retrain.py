@@ -3,6 +3,10 @@
 import argparse
 import importlib
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -387,6 +391,22 @@ def one_epoch_retrain_cli(toy_fer, tmp_path) -> tuple:
     exp = make_experiment(tmp_path, ds)
     return exp, ["retrain", "exp", "--storage", str(tmp_path), "--data-root", str(data_root), "--quiet",
                  "--epochs", "1"]
+
+
+def test_kill_stops_a_retrain_like_ctrl_c_and_leaves_nothing(toy_fer, tmp_path):
+    """SIGTERM (`kill`, `timeout`, a job scheduler) mid-training: exit 130, no final/, no temp folder."""
+    exp, args = one_epoch_retrain_cli(toy_fer, tmp_path)
+    args = [a if a != "--epochs" else "--time-budget" for a in args[:-1]] + ["10m"]
+    proc = subprocess.Popen([sys.executable, "-m", "fer_tune.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(exp.glob(".tmp-final-*/runs/*/metrics.csv")):  # training has begun its epochs
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().endswith("fer-tune: interrupted"), err
+    assert sorted(p.name for p in exp.iterdir()) == ["best.json", "search.yaml", "trials.csv"]
 
 
 def test_cli_retrain_set_changes_the_retrained_config_and_is_recorded(toy_fer, tmp_path):

@@ -216,10 +216,12 @@ def test_resume_after_sigkill_keeps_finished_trials(ray_instance, toy_prepared, 
         after["status"].map({"completed": "COMPLETE", "stopped early": "PRUNED"}))
 
 
-def test_ctrl_c_stops_cleanly_and_writes_the_tables(ray_instance, toy_prepared, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_ctrl_c_stops_cleanly_and_writes_the_tables(ray_instance, toy_prepared, tmp_path, signum):
+    """Ctrl-C, and `kill` (SIGTERM, which ray.init would turn into a plain exit), stop gracefully."""
     proc = cli(search_args(toy_prepared, tmp_path, ray_instance, "interrupted", 12))
     wait_for_finished(tmp_path / "interrupted" / "trials.csv", 1, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
     assert "interrupted: continue with `fer-tune search --resume --name interrupted`" in out

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +33,24 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
 
     if ray.is_initialized():
         return False
+    with _keeping_sigterm_handler():
+        return _connect(ray, address, num_cpus, num_gpus, quiet)
+
+
+@contextmanager
+def _keeping_sigterm_handler():
+    """ray.init replaces the driver's SIGTERM handler with a plain sys.exit; keep the command's own
+    (the CLI's stops like Ctrl-C, so `kill` of a search still ends it gracefully and writes its tables)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        yield
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _connect(ray, address, num_cpus, num_gpus, quiet) -> bool:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs = dict(log_to_driver=not quiet, configure_logging=True, logging_level="ERROR" if quiet else "INFO")
     if address:
