@@ -8,7 +8,8 @@ from conftest import free_port
 
 from fer_tune.train import (MemoryReporter, Reporter, RunFolderReporter, TrainConfig, TrainingDiverged, fit,
                             load_checkpoint, model_from_checkpoint)
-from fer_tune.train.runtime import predict_logits
+from fer_tune.train.report import start_line
+from fer_tune.train.runtime import predict_logits, resolve_precision
 
 FAST = dict(model="simple_cnn", model_kwargs={}, batch_size=64, lr=3e-3, epochs=3, aug_strength=0.3, seed=7)
 
@@ -58,6 +59,13 @@ def test_no_progress_bar_redraws_when_output_is_not_a_terminal(toy_data, tmp_pat
     out, err = capsys.readouterr()
     assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch")] == ["1/2", "2/2"]
     assert "batch/s" not in out + err and "\r" not in out + err
+    # First, one line of what trains how: the precision explains an epoch's pace.
+    precision = resolve_precision("auto", torch.device("cpu"))
+    assert out.splitlines()[0].startswith("simple_cnn: ") and f"640 train / 200 val images, cpu {precision}" in out
+    assert ("no native bf16" in out) == (precision == "fp32")
+    info = {"device": "cpu", "precision": "fp32", "params": 1000, "train_images": 1, "val_images": 1, "epochs": 1,
+            "steps_per_epoch": 1, "config": {"model": "m", "precision": "fp32"}}
+    assert "no native bf16" not in start_line(info)  # asked for fp32: nothing to explain
 
 
 def test_checkpoint_loading_refuses_arbitrary_pickles(tmp_path):

@@ -256,7 +256,7 @@ def train_runs(specs: list[RunSpec], data: TrainData, runs_dir: Path, *, address
 def run_one(spec: RunSpec, data: TrainData, run_dir: Path, *, device: str | None = None,
             progress: bool = False, on_epoch=None) -> RunResult:
     """One run into `run_dir`: best.pt (best val epoch), config.yaml, metrics.csv, TensorBoard;
-    `on_epoch` gets each epoch's progress line."""
+    `on_epoch` gets the run's start line and each epoch's progress line."""
     t0 = time.time()
     result = fit(spec.config, data, RunFolderReporter(run_dir, progress=progress, on_epoch=on_epoch), device=device)
     (run_dir / "last.pt").unlink(missing_ok=True)  # resume state; a finished retrain never resumes

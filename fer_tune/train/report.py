@@ -62,6 +62,17 @@ def epoch_line(metrics: dict, epochs: int, is_best: bool) -> str:
             f"{metrics['images_per_second']:.0f} img/s  {metrics['epoch_seconds']:.1f}s" + ("  *" if is_best else ""))
 
 
+def start_line(info: dict) -> str:
+    """The line printed before the first epoch: what trains on what, and in which precision (an epoch
+    in fp32 on a CPU without native bf16 takes several times as long as one with it)."""
+    note = ""
+    if info["device"] == "cpu" and info["precision"] == "fp32" and info["config"].get("precision") == "auto":
+        note = " (this CPU has no native bf16)"
+    return (f"{info['config']['model']}: {info['params'] / 1e6:.2f}M parameters, {info['train_images']} train / "
+            f"{info['val_images']} val images, {info['device']} {info['precision']}{note}, "
+            f"{info['epochs']} x {info['steps_per_epoch']} batches")
+
+
 class RunFolderReporter(Reporter):
     """A run folder: metrics.csv, TensorBoard events, best.pt and last.pt, and a progress bar."""
 
@@ -70,7 +81,7 @@ class RunFolderReporter(Reporter):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
-        self.on_epoch = on_epoch  # also gets each epoch's line (e.g. a run with no terminal of its own)
+        self.on_epoch = on_epoch  # also gets the start line and each epoch's (a run with no terminal of its own)
         self.tensorboard = tensorboard
         self._bar = None
         self._writer = None
@@ -87,7 +98,16 @@ class RunFolderReporter(Reporter):
         self._csv_file = open(self.run_dir / "metrics.csv", "w", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_NAMES, extrasaction="ignore")
         self._csv.writeheader()
+        self._print(start_line(info))
         self._new_bar(1)
+
+    def _print(self, line: str) -> None:
+        if self.progress:
+            from tqdm import tqdm
+
+            tqdm.write(line)
+        if self.on_epoch is not None:
+            self.on_epoch(line)
 
     def _new_bar(self, epoch: int) -> None:
         if not self.progress:
@@ -110,9 +130,7 @@ class RunFolderReporter(Reporter):
         epoch = int(metrics["epoch"])
         if self._bar is not None:
             self._bar.close()
-            self._bar.write(epoch_line(metrics, self.info["epochs"], is_best))
-        if self.on_epoch is not None:
-            self.on_epoch(epoch_line(metrics, self.info["epochs"], is_best))
+        self._print(epoch_line(metrics, self.info["epochs"], is_best))
         self._csv.writerow(metrics)
         self._csv_file.flush()
         if self._writer is not None:
