@@ -184,10 +184,7 @@ def test_time_budget_replans_when_the_machine_slows_down(toy_data):
     assert rep.replans and rep.replans[-1] == result.epochs_run == result.config.epochs
     assert elapsed < 8.0 + 1.5  # one slow epoch is ~0.5 s plus eval
     lrs = [h["lr"] for h in rep.history]
-    # The cosine schedule was shrunk towards the run's end: under the first plan (1000 epochs, or
-    # the first epoch's estimate) the lr would still be near its peak. How far it got depends on how
-    # many epochs this machine fits in the budget (3 on a slow CI run, where the last lr was 0.5x).
-    assert lrs[-1] < 0.6 * max(lrs), lrs
+    assert lrs[-1] < 0.1 * max(lrs), lrs  # the cosine schedule was shrunk to end with the run
 
 
 def test_a_slow_first_epoch_does_not_collapse_the_schedule(toy_data):
