@@ -147,3 +147,25 @@ def test_write_evaluation_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         write_evaluation(tmp_path / "out", m)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror_in_one_pass(model_path, toy_prepared):
+    """One pass gives both figures of a --tta evaluation: the plain softmax, and the softmax of the
+    logits averaged over each image and its horizontal mirror (computed here by hand)."""
+    from fer_tune import data
+    from fer_tune.evaluate.evaluate import probs_of_checkpoint, probs_of_checkpoint_with_and_without_tta
+
+    x = data.load("fer2013", toy_prepared).arrays("test")[0][:50]
+    state = load_checkpoint(model_path)
+    model, _ = model_from_checkpoint(state)
+    mean, std = state["norm"]
+    logits = predict_logits(model, torch.as_tensor(x), mean=mean, std=std, channels_last=False)
+    mirrored = predict_logits(model, torch.as_tensor(x).flip(3), mean=mean, std=std, channels_last=False)
+
+    plain, flip = probs_of_checkpoint_with_and_without_tta(state, x, tta=True, batch_size=16)
+    np.testing.assert_allclose(plain, torch.softmax(logits, 1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(flip, torch.softmax((logits + mirrored) / 2, 1).numpy(), atol=1e-5)
+    assert not np.allclose(plain, flip, atol=1e-3)  # the mirror changes the answer: the flip is really applied
+    np.testing.assert_allclose(probs_of_checkpoint(state, x, tta=True, batch_size=16), flip, atol=1e-6)
+    np.testing.assert_allclose(probs_of_checkpoint(state, x, batch_size=16), plain, atol=1e-6)
+    assert probs_of_checkpoint_with_and_without_tta(state, x, tta=False)[1] is None

@@ -21,7 +21,7 @@ from fer_tune.data.classes import CLASSES, accepted_names, canonical_class
 from fer_tune.errors import UserError
 from fer_tune.train.checkpoint import load_checkpoint, model_from_checkpoint
 from fer_tune.train.metrics import confusion_matrix, scores_from_confusion
-from fer_tune.train.runtime import pick_device, predict_logits
+from fer_tune.train.runtime import pick_device, predict_views
 
 # Emotion classes of other datasets that no FER-2013/RAF-DB model has (CK+ and AffectNet's
 # contempt, AffectNet's none/uncertain/non-face): images of these are dropped with a note.
@@ -52,25 +52,46 @@ class EvalData:
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, images: np.ndarray, norm: Sequence[float], *, tta: bool = False,
                   channels_last: bool = True, batch_size: int = 512, device=None) -> np.ndarray:
-    """Softmax probabilities (N, num_classes) of uint8 images, in fp32 (evaluation is not timed)."""
+    """Softmax probabilities (N, num_classes) of uint8 images, in fp32 (evaluation is not timed);
+    with `tta` of the logits averaged over each image and its horizontal mirror."""
+    plain, flip = predict_probs_with_and_without_tta(model, images, norm, tta=tta, channels_last=channels_last,
+                                                     batch_size=batch_size, device=device)
+    return flip if tta else plain
+
+
+def predict_probs_with_and_without_tta(model: torch.nn.Module, images: np.ndarray, norm: Sequence[float], *,
+                                       tta: bool = True, channels_last: bool = True, batch_size: int = 512,
+                                       device=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities without TTA, probabilities with flip TTA or None): both from one pass over the
+    images, so a model scored both ways has still seen each test image once (and its mirror once)."""
     device = pick_device(device) if device is not None else next(model.parameters()).device
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    probs = []
+    plain, flip = [], []
     for start in range(0, len(images), batch_size * 8):  # bounded device memory for big splits
         x = torch.as_tensor(np.ascontiguousarray(images[start:start + batch_size * 8])).to(device)
-        logits = predict_logits(model, x, mean=float(norm[0]), std=float(norm[1]), batch_size=batch_size,
-                                precision="fp32", channels_last=channels_last, flip_tta=tta)
-        probs.append(torch.softmax(logits, 1).cpu().numpy())
-    return np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
+        logits, mirrored = predict_views(model, x, mean=float(norm[0]), std=float(norm[1]), batch_size=batch_size,
+                                         precision="fp32", channels_last=channels_last, mirror=tta)
+        plain.append(torch.softmax(logits, 1).cpu().numpy())
+        if tta:
+            flip.append(torch.softmax((logits + mirrored) / 2, 1).cpu().numpy())
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)  # noqa: E731
+    return cat(plain), (cat(flip) if tta else None)
 
 
 def probs_of_checkpoint(state: dict, images: np.ndarray, *, tta: bool = False, device=None,
                         batch_size: int = 512) -> np.ndarray:
+    plain, flip = probs_of_checkpoint_with_and_without_tta(state, images, tta=tta, device=device,
+                                                           batch_size=batch_size)
+    return flip if tta else plain
+
+
+def probs_of_checkpoint_with_and_without_tta(state: dict, images: np.ndarray, *, tta: bool = True, device=None,
+                                             batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
     model, cfg = model_from_checkpoint(state, device=pick_device(device))
-    return predict_probs(model, images, state["norm"], tta=tta, channels_last=cfg.channels_last,
-                         batch_size=batch_size)
+    return predict_probs_with_and_without_tta(model, images, state["norm"], tta=tta,
+                                              channels_last=cfg.channels_last, batch_size=batch_size)
 
 
 def split_scores(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str],

@@ -44,7 +44,7 @@ import yaml
 from fer_tune.data.decode import file_sha256
 from fer_tune.errors import RunFailed, UserError, first_line
 from fer_tune.evaluate import report as rep
-from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, split_scores
+from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint_with_and_without_tta, split_scores
 from fer_tune.evaluate.experiment import Experiment, RankedConfig, read_experiment
 from fer_tune.search.storage import remote_experiment
 from fer_tune.train.checkpoint import load_checkpoint
@@ -151,12 +151,12 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
         # evaluation of the final model (nothing is chosen between them).
         probs, plain = {}, {}
         for run in runs:
-            state = load_checkpoint(run.checkpoint)
-            probs[run.spec.name] = score_on_test(state, test.images, tta=tta, device=device)
+            without, with_tta = score_on_test(load_checkpoint(run.checkpoint), test.images, tta=tta, device=device)
+            probs[run.spec.name] = with_tta if tta else without
             run.test = split_scores(probs[run.spec.name], test.labels, test.classes, test.train_copy)
             if tta:
-                plain[run.spec.name] = score_on_test(state, test.images, tta=False, device=device)
-                run.test_without_tta = split_scores(plain[run.spec.name], test.labels, test.classes, test.train_copy)
+                plain[run.spec.name] = without
+                run.test_without_tta = split_scores(without, test.labels, test.classes, test.train_copy)
         ensembles = _ensembles(runs, probs, test) if len(ranked) > 1 else []
         plain_ensembles = _ensembles(runs, plain, test) if tta and len(ranked) > 1 else []
         metrics = _metrics(exp, ds, ranked, runs, ensembles, test, tta=tta, seeds=seeds, epochs_rule=epochs_rule,
@@ -183,9 +183,11 @@ def _transfer_source_hash(exp: Experiment) -> str | None:
         return None
 
 
-def score_on_test(state: dict, images: np.ndarray, *, tta: bool = False, device: str | None = None) -> np.ndarray:
-    """The one place a final model meets the test split: its softmax probabilities."""
-    return probs_of_checkpoint(state, images, tta=tta, device=device)
+def score_on_test(state: dict, images: np.ndarray, *, tta: bool = False,
+                  device: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The one place a final model meets the test split, once: its softmax probabilities without
+    TTA and, with `tta`, with flip TTA (else None), both from the same pass."""
+    return probs_of_checkpoint_with_and_without_tta(state, images, tta=tta, device=device)
 
 
 def plan_runs(ranked: list[RankedConfig], seeds: int, epochs: int, time_budget: float, subset: float,

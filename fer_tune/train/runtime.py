@@ -51,7 +51,6 @@ def normalize(x01: torch.Tensor, mean: float, std: float, channels_last: bool) -
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-@torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, *, mean: float, std: float,
                    batch_size: int = 512, precision: str = "fp32", channels_last: bool = True,
                    flip_tta: bool = False) -> torch.Tensor:
@@ -59,16 +58,27 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, *, mean: float,
 
     `flip_tta` averages the logits of each image and its horizontal mirror.
     """
+    plain, mirrored = predict_views(model, images, mean=mean, std=std, batch_size=batch_size,
+                                    precision=precision, channels_last=channels_last, mirror=flip_tta)
+    return plain if mirrored is None else (plain + mirrored) / 2
+
+
+@torch.no_grad()
+def predict_views(model: torch.nn.Module, images: torch.Tensor, *, mean: float, std: float,
+                  batch_size: int = 512, precision: str = "fp32", channels_last: bool = True,
+                  mirror: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float32 logits of the images as they are and, with `mirror`, of their horizontal mirrors
+    (else None): one pass over the images, each view scored once."""
     was_training = model.training
     model.eval()
     device = images.device
-    outputs = []
+    plain, mirrored = [], []
     for start in range(0, len(images), batch_size):
         x = to_input(images[start:start + batch_size], mean, std, channels_last)
         with autocast(device, precision):
-            logits = model(x).float()
-            if flip_tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
-        outputs.append(logits)
+            plain.append(model(x).float())
+            if mirror:
+                mirrored.append(model(x.flip(3)).float())
     model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.empty(0)
+    cat = lambda parts: torch.cat(parts) if parts else torch.empty(0)  # noqa: E731
+    return cat(plain), (cat(mirrored) if mirror else None)
