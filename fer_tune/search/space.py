@@ -41,7 +41,11 @@ from fer_tune.errors import UserError
 from fer_tune.train.config import CLASS_WEIGHTS, MODEL_KW, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 from fer_tune.train.report import METRIC_NAMES
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+# search_spaces/ of the repository (a clone, an editable install); an installed wheel carries the
+# same files as fer_tune/search_spaces/ (pyproject.toml maps them there).
+SPACES_DIR = next((d for d in (Path(__file__).resolve().parents[2] / "search_spaces",
+                               Path(__file__).resolve().parents[1] / "search_spaces") if d.is_dir()),
+                  Path(__file__).resolve().parents[2] / "search_spaces")
 KINDS = ("choice", "uniform", "loguniform", "int", "quniform", "value")
 BUDGET_KEYS = ("max_epochs", "grace_period", "reduction_factor", "promotion_window")
 META_KEYS = ("description", "metric", "mode", "trials") + BUDGET_KEYS
