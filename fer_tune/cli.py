@@ -112,8 +112,25 @@ def cmd_train(args) -> None:
 
 # -- parser -----------------------------------------------------------------------------------
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: a bad flag is one line naming the command, what was
+    wrong and where the flags are listed, not argparse's usage block (subcommands inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # Unknown flags are found by the top parser, after the command's: name the command in the error.
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = [getattr(parsed, key) for key in ("command", "data_command") if getattr(parsed, key, None)]
+            prog = " ".join([self.prog, *command])
+            self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (`{prog} --help` lists the flags)\n")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fer-tune",
         description="Hyperparameter search for facial expression recognition (Ray Tune + Optuna + ASHA).",
         epilog="Start with: fer-tune data prepare fer2013 PATH/TO/fer2013.zip; then fer-tune search --space cnn")
