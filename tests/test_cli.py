@@ -57,6 +57,24 @@ def test_user_errors_are_one_line(toy_prepared, tmp_path, capsys, argv, message)
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv,start,message", [
+    (["search", "--trials", "x"], "fer-tune search: error: ", "argument -n/--trials: invalid int value: 'x'"),
+    (["search", "--space", "cpu", "--bogus", "3"], "fer-tune search: error: ", "unrecognized arguments: --bogus 3"),
+    (["data", "prepare", "fer2013", "x.zip", "--bad"], "fer-tune data prepare: error: ", "unrecognized arguments: --bad"),
+    (["retrain", "exp", "--rank", "1", "--top-k", "2"], "fer-tune retrain: error: ", "not allowed with argument --rank"),
+    (["train", "--time-budget", "5q"], "fer-tune train: error: ", "not a duration: '5q'"),
+    (["trainn"], "fer-tune: error: ", "invalid choice: 'trainn'"),
+])
+def test_bad_flags_are_one_line_naming_the_command(capsys, argv, start, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(start) and message in err
+    assert err.rstrip().endswith(f"(`{start.split(':')[0]} --help` lists the flags)")
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_data_info_and_models(toy_prepared, capsys):
     assert main(["data", "info", "fer2013", "--data-root", str(toy_prepared)]) == 0
     out = capsys.readouterr().out
@@ -77,3 +95,42 @@ def test_set_reads_yaml_values_and_numbers_in_e_notation():
     assert parse_assignment("model_kwargs={fc: 1024}") == ("model_kwargs", {"fc": 1024})
     assert parse_assignment("nesterov=false") == ("nesterov", False)
     assert parse_assignment("model=e5") == ("model", "e5")
+
+
+def test_a_built_wheel_carries_every_package_and_the_search_spaces(tmp_path):
+    """`pip install .` (not only -e) must give a working `--space cnn`: the wheel holds every
+    fer_tune package (pyproject lists them) and search_spaces/*.yaml as fer_tune/search_spaces/."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    pytest.importorskip("setuptools", minversion="77")
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for name in ("fer_tune", "search_spaces"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    str(src), "-w", str(tmp_path / "dist")], check=True, capture_output=True, cwd=src)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {str(p.parent.relative_to(root)) for p in (root / "fer_tune").rglob("*.py")
+                if "__pycache__" not in p.parts}
+    assert packages <= {n.rsplit("/", 1)[0] for n in names if n.endswith(".py")}
+    spaces = sorted(p.name for p in (root / "search_spaces").glob("*.yaml"))
+    assert spaces and sorted(n.rsplit("/", 1)[1] for n in names
+                             if n.startswith("fer_tune/search_spaces/") and n.endswith(".yaml")) == spaces
+
+    # Installed from the wheel, away from the repository, the spaces are found by name.
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-c", "from fer_tune.search.space import list_spaces, load_space; "
+                          "load_space('cnn'); print(' '.join(list_spaces()))"],
+                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [s[:-5] for s in spaces]
