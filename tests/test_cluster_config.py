@@ -146,3 +146,41 @@ def test_a_second_local_ray_instance_is_refused(fake_raylet, toy_prepared, tmp_p
     assert err.count("\n") == 0 and "Ray is already running on this machine" in err and "--address auto" in err
     assert not ray.is_initialized()
     assert not (tmp_path / "results" / "second").exists()  # nothing written
+
+
+def test_concurrency_on_gpu_yaml_counts_what_the_autoscaler_can_add(config, tmp_path):
+    """On the head of `ray up cluster/gpu.yaml` the cluster has 0 GPUs until trials wait for them:
+    the search's concurrency comes from the launcher's config there (resources filled out per
+    instance type, as `ray up` writes it), so 0.25 GPU per trial runs 64 trials, not one."""
+    import json
+
+    from ray.autoscaler._private.util import prepare_config
+
+    from fer_tune.search import cluster
+
+    filled = prepare_config(copy.deepcopy(config))
+    types = filled["available_node_types"]
+    # What `ray up` fills in from the instance types (m5.2xlarge, g5.xlarge, g5.12xlarge).
+    assert [types[t]["node_config"]["InstanceType"] for t in ("head", "gpu_1x", "gpu_4x")] == \
+        ["m5.2xlarge", "g5.xlarge", "g5.12xlarge"]
+    for name, resources in {"head": {"CPU": 8}, "gpu_1x": {"CPU": 4, "GPU": 1}, "gpu_4x": {"CPU": 48, "GPU": 4}}.items():
+        types[name]["resources"] = resources
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text(json.dumps(filled))
+
+    now = {"CPU": 8.0, "GPU": 0.0}  # the head alone
+    most = cluster.autoscaler_max_resources("auto", path)
+    assert most == {"CPU": 8 + 8 * 4 + 2 * 48, "GPU": 8 * 1 + 2 * 4}
+    reach = cluster.reachable_capacity(now, most)
+    assert cluster.max_concurrency(now, 1, 1, 0.25) == 1
+    assert cluster.max_concurrency(reach, 1, 1, 0.25) == 64
+    assert cluster.describe(now, reach) == "8 CPUs, 0 GPUs; up to 136 CPUs, 16 GPUs with the autoscaler's nodes"
+
+    # The overall max_workers caps the nodes: the types with most GPUs come first.
+    path.write_text(json.dumps({**filled, "max_workers": 3}))
+    assert cluster.autoscaler_max_resources("auto", path)["GPU"] == 2 * 4 + 1
+    # A local instance we started, or a ray:// cluster elsewhere, is not the one the file describes.
+    assert cluster.autoscaler_max_resources(None, path) is None
+    assert cluster.autoscaler_max_resources("ray://10.0.0.1:10001", path) is None
+    assert cluster.autoscaler_max_resources("auto", tmp_path / "absent.yaml") is None
+    assert cluster.reachable_capacity(now, None) == now

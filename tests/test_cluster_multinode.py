@@ -177,3 +177,35 @@ def test_retrain_runs_as_ray_train_runs_on_two_nodes_with_checkpoints_in_s3(two_
     assert runs[0].history != runs[1].history  # two seeds, two models
     assert any(k.startswith("rank1-seed") for k in keys(s3, "experiments/retrained/retrain_runs/"))
     assert not any(cluster.wait_for_no_leftovers(timeout_s=20).values())
+
+
+def test_concurrency_counts_the_nodes_the_autoscaler_can_add(two_nodes, tmp_path):
+    """An autoscaling cluster may start as a CPU head alone: concurrency must come from what the
+    autoscaler may add (here its config in the GCS, where KubeRay's and newer Rays' autoscalers
+    publish it), not the 0 GPUs of now. The `ray up` launcher file: test_cluster_config.py."""
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    now = cluster.cluster_capacity()
+    assert now == {"CPU": 2.0, "GPU": 0.0}
+    most = lambda: cluster.autoscaler_max_resources(two_nodes.address, tmp_path / "absent.yaml")  # noqa: E731
+    assert most() is None  # no autoscaler: what the cluster has is all there is
+    assert cluster.max_concurrency(cluster.reachable_capacity(now, None), 1, 1, 0.25) == 1
+
+    # gpu.yaml's node groups: a CPU head, up to 8 single-GPU and 2 four-GPU workers.
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 8}, min_count=1, max_count=1),
+        autoscaler_pb2.NodeGroupConfig(name="gpu1", resources={"CPU": 8, "GPU": 1}, max_count=8),
+        autoscaler_pb2.NodeGroupConfig(name="gpu4", resources={"CPU": 48, "GPU": 4}, max_count=2)])
+    key, namespace = GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), GCS_AUTOSCALER_STATE_NAMESPACE.encode()
+    _internal_kv_put(key, config.SerializeToString(), namespace=namespace)
+    try:
+        assert most() == {"CPU": 8 + 64 + 96, "GPU": 16.0}
+        reach = cluster.reachable_capacity(now, most())
+        assert cluster.max_concurrency(reach, 1, 1, 0.25) == 64  # 16 GPUs, a quarter each
+        assert cluster.max_concurrency(reach, 4, 1, 1) == 4  # data-parallel trials of 4 GPUs
+        assert cluster.describe(now, reach) == "2 CPUs, 0 GPUs; up to 168 CPUs, 16 GPUs with the autoscaler's nodes"
+    finally:
+        _internal_kv_del(key, namespace=namespace)
+    assert most() is None

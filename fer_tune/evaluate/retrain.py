@@ -356,12 +356,14 @@ def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, storage, cloud, lo
             train_storage = str(local_storage.resolve())
         driver = ray.remote(num_cpus=0, max_retries=0)(_train_run)
         data_ref = ray.put(data)
-        # Start only what the cluster holds now (at least one: an autoscaler may add the GPUs):
-        # a Train run that waits for its worker group times out and retries without end.
-        at_once = max(1, cluster.max_concurrency(capacity, 1, cpus, gpus))
+        # Start only what the cluster holds, now or once its autoscaler has added nodes (a Train run
+        # whose worker group can never be placed waits and retries without end); at least one.
+        most = cluster.autoscaler_max_resources(None if address == "local" else address)
+        reach = cluster.reachable_capacity(capacity, most)
+        at_once = max(1, cluster.max_concurrency(reach, 1, cpus, gpus))
         queue, pending, results = list(specs), {}, {}
         lines = Queue(actor_options={"num_cpus": 0}) if progress else None
-        log(f"{len(specs)} run(s) as Ray Train runs ({capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs; "
+        log(f"{len(specs)} run(s) as Ray Train runs ({cluster.describe(capacity, reach)}; "
             f"{cpus:g} CPU, {gpus:g} GPU per run, {at_once} at a time)")
         while queue or pending:
             while queue and len(pending) < at_once:

@@ -131,6 +131,71 @@ def cluster_capacity() -> dict[str, float]:
     return {"CPU": float(res.get("CPU", 0.0)), "GPU": float(res.get("GPU", 0.0))}
 
 
+# Where `ray up` puts the cluster launcher's config on the head node, with every node type's
+# resources filled out from its instance type (the head's autoscaler reads it from there).
+LAUNCHER_CONFIG = Path("~/ray_bootstrap_config.yaml")
+
+
+def autoscaler_max_resources(address: str | None,
+                             launcher_config: Path = LAUNCHER_CONFIG) -> dict[str, float] | None:
+    """The most CPUs/GPUs the connected cluster's autoscaler may bring up, or None where there is
+    no autoscaler (a local instance, a fixed `ray start` cluster). First the config an autoscaler
+    publishes in the GCS (KubeRay, newer Rays; Ray Train reads it the same way), else, on the head
+    node of a `ray up` cluster (`--address auto` there), the launcher's own config file.
+    `address` is the one the command connected with (None: a local instance it started)."""
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:  # a Ray without it: the launcher's file, or what the cluster has now
+        most = None
+    if most:
+        return {"CPU": float(most.get("CPU", 0)), "GPU": float(most.get("GPU", 0))}
+    if not address or address.startswith("ray://"):
+        return None  # a local instance we started, or a remote cluster the file here does not describe
+    return launcher_max_resources(Path(launcher_config).expanduser())
+
+
+def launcher_max_resources(path: Path) -> dict[str, float] | None:
+    """CPUs/GPUs of a cluster-launcher config at full size: the head plus each worker type's
+    resources x its max_workers, within the config's overall max_workers (the types with most of a
+    resource first). None when the file is absent or unreadable."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text())  # `ray up` writes it as JSON, which YAML reads
+        types = config["available_node_types"]
+        head = config["head_node_type"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    most = {}
+    for key in ("CPU", "GPU"):
+        total = float((types.get(head, {}).get("resources") or {}).get(key, 0))
+        workers = sorted(((float((t.get("resources") or {}).get(key, 0)), int(t.get("max_workers", 0)))
+                          for name, t in types.items() if name != head), reverse=True)
+        left = config.get("max_workers", sum(n for _, n in workers))
+        for per_node, count in workers:
+            take = min(count, left)
+            total, left = total + per_node * take, left - take
+        most[key] = total
+    return most
+
+
+def reachable_capacity(now: dict[str, float], most: dict[str, float] | None) -> dict[str, float]:
+    """What the cluster can hold once its autoscaler has added nodes: per resource the larger of
+    what it has now and what its node groups can add up to."""
+    return {k: max(now[k], (most or {}).get(k, 0.0)) for k in ("CPU", "GPU")}
+
+
+def describe(now: dict[str, float], reach: dict[str, float]) -> str:
+    """'4 CPUs, 0 GPUs' and, when the autoscaler can add more, '; up to 40 CPUs, 16 GPUs with the
+    autoscaler's nodes'."""
+    text = f"{now['CPU']:g} CPUs, {now['GPU']:g} GPUs"
+    if reach != now:
+        text += f"; up to {reach['CPU']:g} CPUs, {reach['GPU']:g} GPUs with the autoscaler's nodes"
+    return text
+
+
 def max_concurrency(capacity: dict[str, float], workers: int, cpus: float, gpus: float) -> int:
     """How many trials of `workers` x (cpus, gpus) the cluster holds at once (at least 1)."""
     fits = []

@@ -160,14 +160,17 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
             print("fer-tune: warning: the Ray dashboard's State API does not answer; Ray Train may leak the "
                   "placement groups of stopped trials (install ray[default])", file=sys.stderr)
         capacity = cluster.cluster_capacity()
+        # An autoscaling cluster (cluster/gpu.yaml) may start with no GPUs at all: concurrency comes
+        # from what it can grow to, and Tune's waiting trials are what make the autoscaler add nodes.
+        reach = cluster.reachable_capacity(capacity, cluster.autoscaler_max_resources(address))
         if progress:
             where = "a local Ray instance" if started and not address else f"Ray at {address or 'the connected cluster'}"
-            print(f"fer-tune: {executor} executor on {where} ({capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs); "
+            print(f"fer-tune: {executor} executor on {where} ({cluster.describe(capacity, reach)}); "
                   "inspect it with `RAY_AUTH_MODE=token ray status` (token authentication is on by default)")
         cluster.check_fits(capacity, workers_per_trial, cpus_per_trial, gpus_per_trial, address)
         if local_dir is not None and not shared_path:
             cluster.check_local_storage(storage, capacity, gpus_per_trial)
-        holds = cluster.max_concurrency(capacity, workers_per_trial, cpus_per_trial, gpus_per_trial)
+        holds = cluster.max_concurrency(reach, workers_per_trial, cpus_per_trial, gpus_per_trial)
         concurrency = concurrency or holds
         if concurrency > holds and not address and executor == "train":
             print(f"fer-tune: warning: --concurrency {concurrency} > the {holds} trials this machine holds; "
