@@ -296,3 +296,19 @@ def test_tpe_models_the_best_quarter_as_good_and_starts_with_a_third_at_random()
     assert sampler._n_startup_trials == 5
     assert make_sampler(seed=0, trials=6)._n_startup_trials == 3
     assert make_sampler(seed=0, trials=100)._n_startup_trials == 10
+
+
+def test_pretrained_weights_are_checked_when_the_space_loads(tmp_path):
+    """A missing weights file fails the load (one line naming it), not every trial; a file given
+    for one model of a choice applies to that model only."""
+    models = {"choice": ["timm/resnet18", "timm/efficientnet_b0"]}
+    with pytest.raises(UserError, match=r"pretrained: pretrained weights file not found: /nowhere/r18.safetensors"):
+        parse_space({**BASE, "model": models, "pretrained": "/nowhere/r18.safetensors"})
+    weights = tmp_path / "r18.safetensors"
+    weights.write_bytes(b"")
+    space = parse_space({**BASE, "model": models,
+                         "pretrained": {"value": str(weights), "when": {"model": "timm/resnet18"}}})
+    assert space.params["pretrained"].active({"model": "timm/resnet18"})
+    assert not space.params["pretrained"].active({"model": "timm/efficientnet_b0"})
+    with pytest.raises(UserError, match="pretrained"):
+        parse_space({**BASE, "model": models, "pretrained": {"choice": [str(weights), str(tmp_path / "gone.pth")]}})

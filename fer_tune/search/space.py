@@ -471,6 +471,15 @@ def _check_values(param: Param, space: SearchSpace, where: str) -> None:
                                     f"{', '.join(accepted) or 'none'} (add when: {{model: [...]}} to limit "
                                     f"{name} to the models that take it)")
         return
+    if name == "pretrained":  # a local weights file: missing, every trial would fail on it
+        from fer_tune.models.registry import weights_file
+
+        for value in param.candidates():
+            if isinstance(value, (str, Path)):
+                try:
+                    weights_file(value)
+                except UserError as exc:
+                    raise UserError(f"{where}: pretrained: {exc}") from None
     for value in param.candidates():
         try:
             TrainConfig.from_dict({name: value, "model_kwargs": {}}, source=where)
