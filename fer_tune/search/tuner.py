@@ -307,7 +307,7 @@ def _progress_reporter(space: SearchSpace):
     params = [p for p in space.searched() if not space.params[p].when]
     return tune.CLIReporter(
         metric_columns={"epoch": "epoch", "train_loss": "train_loss", "val_loss": "val_loss", "val_acc": "val_acc",
-                        "val_macro_f1": "val_f1", "time_total_s": "s"},
+                        "val_macro_f1": "val_macro_f1", "time_total_s": "s"},
         parameter_columns={p: p.replace("model_kwargs.", "") for p in params[:8]},
         sort_by_metric=True, max_report_frequency=15, max_progress_rows=25)
 

@@ -58,7 +58,7 @@ def epoch_line(metrics: dict, epochs: int, is_best: bool) -> str:
     """The one line printed per epoch; `*` marks a new best val epoch."""
     return (f"epoch {int(metrics['epoch']):3d}/{epochs}  train_loss {metrics['train_loss']:.4f}  "
             f"train_acc {metrics['train_acc']:.4f}  val_loss {metrics['val_loss']:.4f}  "
-            f"val_acc {metrics['val_acc']:.4f}  val_f1 {metrics['val_macro_f1']:.4f}  "
+            f"val_acc {metrics['val_acc']:.4f}  val_macro_f1 {metrics['val_macro_f1']:.4f}  "
             f"{metrics['images_per_second']:.0f} img/s  {metrics['epoch_seconds']:.1f}s" + ("  *" if is_best else ""))
 
 
