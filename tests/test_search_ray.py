@@ -64,6 +64,7 @@ def test_train_executor_asha_search_frees_every_placement_group(ray_instance, ti
     assert summary.epochs_spent < 8 * 3 == summary.epochs_without_early_stopping
     assert (table.loc[table.status == "completed", "epochs"] == 3).all()
     assert table["best_val_acc"].notna().all() and table["node_id"].str.len().gt(0).all()
+    assert table["node_ip"].str.count(r"\.").eq(3).all()  # the worker's IPv4 address, as `ray status` shows it
     assert table["startup_s"].gt(0).all()
     assert not any(cluster.wait_for_no_leftovers(timeout_s=20).values())
     # Each trial's `lr` from its optimizer's range; Optuna's per-range names stay out of the table

@@ -18,7 +18,7 @@ def fake_trial(tid, status, epochs, val_acc=None, config=None, error=None):
     if accs:
         analysis = {"val_acc": {"max": max(accs), "min": min(accs), "last": accs[-1]},
                     "val_loss": {"max": 2.0, "min": 1.0 + 0.1 * len(accs), "last": 1.5}}
-    last = {"epoch": epochs, "time_total_s": 10.0 + epochs, "node_id": "n1", **({"val_acc": accs[-1]} if accs else {})}
+    last = {"epoch": epochs, "time_total_s": 10.0 + epochs, "node_id": "n1", "worker_ip": "10.0.0.7", **({"val_acc": accs[-1]} if accs else {})}
     return SimpleNamespace(trial_id=tid, status=status, last_result=last if epochs else {}, metric_analysis=analysis,
                            config=config or {"lr": 0.01, "optimizer": "adamw"}, path=f"/x/trial_{tid}",
                            get_error=lambda: error, error_file=None)
@@ -55,7 +55,7 @@ def test_status_best_last_and_error_of_each_trial():
                                                    "running.")
     assert rows["d"]["status"] == "interrupted"  # terminated, but Tune never completed it (Ctrl-C)
     assert rows["e"]["status"] == "pending" and rows["f"]["status"] == "running"
-    assert rows["a"]["wall_s"] == 14.0 and rows["a"]["node_id"] == "n1"
+    assert rows["a"]["wall_s"] == 14.0 and rows["a"]["node_id"] == "n1" and rows["a"]["node_ip"] == "10.0.0.7"
 
     table = results.build_table(rows.values(), "val_acc", "max", params=["optimizer", "lr", "momentum"])
     assert list(table["trial_id"]) == ["f", "a", "d", "b", "c", "e"]  # best val_acc first, no metric last

@@ -61,6 +61,7 @@ def trial_row(trial, *, max_epochs: int, finished: set[str], extra: dict | None 
             row[f"last_{metric}"] = stats.get("last")
     row["wall_s"] = round(float(last.get("time_total_s", 0.0) or 0.0), 2)
     row["failures"] = int(getattr(getattr(trial, "run_metadata", None), "num_failures", 0) or 0)
+    row["node_ip"] = last.get("worker_ip", "")  # where the trial trained (see trainable._node)
     row["node_id"] = last.get("node_id", "")
     row["error"] = error_text(trial) if status == "failed" else ""
     row["trial_dir"] = getattr(trial, "path", "") or ""
@@ -125,7 +126,8 @@ def build_table(rows: Iterable[dict], metric: str, mode: str, params: list[str] 
         df = df.sort_values(key, ascending=(mode == "min"), na_position="last", kind="stable")
     first = [c for c in FIRST_COLUMNS if c in df.columns]
     metric_cols = [c for c in df.columns if c.startswith(("best_", "last_"))]
-    tail = [c for c in ("wall_s", "startup_s", "failures", "node_id", "error", "trial_dir") if c in df.columns]
+    tail = [c for c in ("wall_s", "startup_s", "failures", "node_ip", "node_id", "error", "trial_dir")
+            if c in df.columns]
     hyper = [c for c in df.columns if c not in first + metric_cols + tail]
     order = {p: i for i, p in enumerate(params or [])}
     hyper.sort(key=lambda c: order.get(c, len(order)))

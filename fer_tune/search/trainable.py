@@ -132,7 +132,7 @@ def run_fit(setup: TrialSetup, params: dict, data, api: str, resume: dict | None
     torch.set_num_threads(setup.threads)  # one OpenMP thread per allotted core: oversubscription is 10-30x slower
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     cfg = setup.config(params)
-    reporter = RayReporter(api, setup.checkpoint_every, extra={"node_id": _node_id()})
+    reporter = RayReporter(api, setup.checkpoint_every, extra=_node())
     if resume and int(resume["epoch"]) >= cfg.epochs and resume.get("history"):
         reporter.start({"epochs": cfg.epochs})
         reporter.send({**resume["history"][-1], **reporter.extra}, None)
@@ -231,13 +231,16 @@ def worker_error(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {first_line(cause)}"
 
 
-def _node_id() -> str:
+def _node() -> dict[str, str]:
+    """The node this (worker) process trains on: Ray's node id and its IP, as `ray status` lists it.
+    Not Tune's own `node_ip`, which names the trial actor's node (a train-executor trial's actor may
+    sit on another node than its worker) and overwrites a reported key of that name."""
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return {"worker_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
     except Exception:
-        return ""
+        return {"worker_ip": "", "node_id": ""}
 
 
 def _device(setup: TrialSetup, api: str) -> str:
