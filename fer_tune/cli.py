@@ -125,7 +125,8 @@ class Parser(argparse.ArgumentParser):
         if extra:
             command = [getattr(parsed, key) for key in ("command", "data_command") if getattr(parsed, key, None)]
             prog = " ".join([self.prog, *command])
-            self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (`{prog} --help` lists the flags)\n")
+            self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} "
+                         f"(`{prog} --help` lists the flags)\n")
         return parsed
 
 

@@ -18,7 +18,8 @@ def fake_trial(tid, status, epochs, val_acc=None, config=None, error=None):
     if accs:
         analysis = {"val_acc": {"max": max(accs), "min": min(accs), "last": accs[-1]},
                     "val_loss": {"max": 2.0, "min": 1.0 + 0.1 * len(accs), "last": 1.5}}
-    last = {"epoch": epochs, "time_total_s": 10.0 + epochs, "node_id": "n1", "worker_ip": "10.0.0.7", **({"val_acc": accs[-1]} if accs else {})}
+    last = {"epoch": epochs, "time_total_s": 10.0 + epochs, "node_id": "n1", "worker_ip": "10.0.0.7",
+            **({"val_acc": accs[-1]} if accs else {})}
     return SimpleNamespace(trial_id=tid, status=status, last_result=last if epochs else {}, metric_analysis=analysis,
                            config=config or {"lr": 0.01, "optimizer": "adamw"}, path=f"/x/trial_{tid}",
                            get_error=lambda: error, error_file=None)

@@ -21,7 +21,8 @@ from fer_tune.search.results import plain_value
 from fer_tune.train.config import TrainConfig, fold_model_kwargs
 
 # Columns of the trial table that are not hyperparameters.
-NOT_PARAMS = {"trial_id", "status", "epochs", "wall_s", "startup_s", "failures", "node_ip", "node_id", "error", "trial_dir"}
+NOT_PARAMS = {"trial_id", "status", "epochs", "wall_s", "startup_s", "failures", "node_ip", "node_id", "error",
+              "trial_dir"}
 RANKABLE = ("completed", "stopped early", "interrupted", "running")  # a trial with a best metric
 
 
