@@ -129,6 +129,11 @@ def test_report_files_and_cli(model_path, toy_prepared, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text()) == printed
     assert {p.name for p in out.iterdir()} == {"metrics.json", "report.md", "confusion_matrix.png", "per_class_f1.png"}
     assert "![confusion matrix](confusion_matrix.png)" in (out / "report.md").read_text()
+    assert printed["tta"] == "none"
+    for flags, tta in ((["--tta"], "horizontal flip"), (["--tta-crops"], "horizontal flip x (the image")):
+        code, err = cli(["evaluate", str(model_path), "--data", "fer2013", "--data-root", str(toy_prepared),
+                         "--json", *flags])
+        assert code == 0 and json.loads(capsys.readouterr().out)["tta"].startswith(tta)
     code, err = cli(["evaluate", str(tmp_path / "missing.pt"), "--data", "fer2013"])
     assert code == 2 and err.endswith("missing.pt: checkpoint not found")
 
@@ -169,3 +174,37 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror_in_one_pass(m
     np.testing.assert_allclose(probs_of_checkpoint(state, x, tta=True, batch_size=16), flip, atol=1e-6)
     np.testing.assert_allclose(probs_of_checkpoint(state, x, batch_size=16), plain, atol=1e-6)
     assert probs_of_checkpoint_with_and_without_tta(state, x, tta=False)[1] is None
+
+
+def test_crops_tta_averages_the_shifted_and_zoomed_views_and_their_mirrors():
+    """--tta-crops: 14 views (the image, 1-pixel shifts in four directions, zoom in and out, each
+    with its mirror); a 1-pixel shift is the image moved by one pixel with its edge repeated."""
+    import torch.nn.functional as F
+
+    from fer_tune.train.runtime import predict_views, tta_description, tta_views
+
+    x = torch.rand(3, 1, 12, 12)
+    views = tta_views(x, "crops")
+    assert len(views) == 14 and torch.equal(views[0], x) and torch.equal(views[7], x.flip(3))
+    edge = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    shifted = [edge[..., 1:-1, 2:], edge[..., 1:-1, :-2], edge[..., 2:, 1:-1], edge[..., :-2, 1:-1]]
+    for view, want in zip(views[1:5], shifted):
+        torch.testing.assert_close(view, want, atol=1e-5, rtol=0)
+    zoom_in, zoom_out = views[5], views[6]
+    assert zoom_in.shape == zoom_out.shape == x.shape and not torch.allclose(zoom_in, x)
+    assert not torch.allclose(zoom_out, x) and zoom_in[..., 0, 0].ne(x[..., 0, 0]).all()  # corners move in
+    for i in range(7):
+        assert torch.equal(views[7 + i], views[i].flip(3))
+    assert len(tta_views(x, "flip")) == 2 and len(tta_views(x, None)) == 1
+    assert tta_description("crops").endswith("14 views") and tta_description(True) == "horizontal flip"
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 7))
+    images = (torch.rand(5, 1, 12, 12) * 255).to(torch.uint8)
+    plain, mean = predict_views(model, images, mean=0.5, std=0.25, channels_last=False, tta="crops")
+    inputs = (images.float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        by_hand = torch.stack([model(v) for v in tta_views(inputs, "crops")]).mean(0)
+        torch.testing.assert_close(plain, model(inputs))
+    torch.testing.assert_close(mean, by_hand)
+    with pytest.raises(ValueError, match="tta must be one of none, flip, crops"):
+        tta_views(x, "ten-crop")

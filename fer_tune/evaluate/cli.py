@@ -50,7 +50,7 @@ def add_commands(sub, data_root_flag) -> None:
                    help="default epochs = this x max_epochs of the search (default 2: ASHA's max_t was chosen to "
                         "rank configs cheaply, not to train them to the end)")
     p.add_argument("--time-budget", type=_duration, help="per run: train as many epochs as fit, e.g. 30m")
-    p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+    tta_flags(p)
     p.add_argument("--set", action="append", type=_assignment, metavar="KEY=VALUE",
                    help="change a config key of the retrained config(s), e.g. --set ema=0.999 (repeatable; "
                         "recorded in metrics.json under protocol.overrides)")
@@ -86,7 +86,7 @@ def add_commands(sub, data_root_flag) -> None:
     p.add_argument("--seed", type=int, help="fine-tuning seed (default: the model's)")
     p.add_argument("--checkpoint", help="transfer this checkpoint instead of the best model in final/")
     p.add_argument("--source-dataset", help="dataset the model was trained on (default: from final/metrics.json)")
-    p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+    tta_flags(p)
     p.add_argument("--storage", default="results")
     p.add_argument("--device")
     p.add_argument("--force", action="store_true", help="replace an existing transfer/ (once the new one is done)")
@@ -102,7 +102,7 @@ def add_commands(sub, data_root_flag) -> None:
     p.add_argument("model", help="checkpoint file (best.pt)")
     p.add_argument("--data", required=True, help="prepared dataset name or folder, or an image folder/zip")
     p.add_argument("--split", default="test", help="split to score (default test)")
-    p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+    tta_flags(p)
     p.add_argument("--out", help="also write metrics.json, report.md and plots into this folder")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--batch-size", type=int, default=512)
@@ -121,17 +121,28 @@ def add_commands(sub, data_root_flag) -> None:
     p.add_argument("--top", type=int, default=3, help="how many emotions to show (default 3)")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help=f"crop margin around the face, a fraction of its size (default {DEFAULT_MARGIN})")
-    p.add_argument("--tta", action="store_true", help="average with the mirrored image")
+    tta_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON list of results")
     p.add_argument("--device")
     p.set_defaults(func=cmd_predict)
+
+
+def tta_flags(p) -> None:
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average each image with its mirror")
+    p.add_argument("--tta-crops", action="store_true",
+                   help="with (or instead of) --tta: also 1-pixel shifts and 8%% zooms of each image, each with "
+                        "its mirror (14 views, warped as training's augmentation warps)")
+
+
+def tta_of(args) -> str:
+    return "crops" if args.tta_crops else "flip" if args.tta else "none"
 
 
 def cmd_retrain(args) -> None:
     from fer_tune.evaluate.retrain import retrain
 
     retrain(args.experiment, storage=args.storage, rank=args.rank, top_k=args.top_k, seeds=args.seeds,
-            epochs=args.epochs, epoch_factor=args.epoch_factor, time_budget=args.time_budget, tta=args.tta,
+            epochs=args.epochs, epoch_factor=args.epoch_factor, time_budget=args.time_budget, tta=tta_of(args),
             subset=args.subset, dataset=args.dataset, data_root=args.data_root, address=args.address,
             cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, device=args.device, force=args.force,
             progress=not args.quiet, overrides=dict(args.set or []), first_seed=args.first_seed,
@@ -143,7 +154,7 @@ def cmd_transfer(args) -> None:
 
     transfer(args.experiment, to=args.to, strategy=args.strategy, storage=args.storage, checkpoint=args.checkpoint,
              source_dataset=args.source_dataset, epochs=args.epochs, lr_factor=args.lr_factor,
-             joint_fraction=args.joint_fraction, seed=args.seed, time_budget=args.time_budget, tta=args.tta,
+             joint_fraction=args.joint_fraction, seed=args.seed, time_budget=args.time_budget, tta=tta_of(args),
              data_root=args.data_root, device=args.device, force=args.force, progress=not args.quiet)
 
 
@@ -151,7 +162,7 @@ def cmd_evaluate(args) -> None:
     from fer_tune.evaluate.evaluate import evaluate_checkpoint, evaluation_text, write_evaluation
 
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
-    metrics = evaluate_checkpoint(args.model, args.data, split=args.split, data_root=args.data_root, tta=args.tta,
+    metrics = evaluate_checkpoint(args.model, args.data, split=args.split, data_root=args.data_root, tta=tta_of(args),
                                   device=args.device, batch_size=args.batch_size, log=log)
     if args.out:
         write_evaluation(args.out, metrics)
@@ -167,7 +178,7 @@ def cmd_predict(args) -> None:
     from fer_tune.evaluate.predict import predict_images
 
     results = predict_images(args.model, args.images, detect=not args.no_detect, top=args.top, margin=args.margin,
-                             tta=args.tta, device=args.device)
+                             tta=tta_of(args), device=args.device)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:

@@ -21,7 +21,7 @@ from fer_tune.data.classes import CLASSES, accepted_names, canonical_class
 from fer_tune.errors import UserError
 from fer_tune.train.checkpoint import load_checkpoint, model_from_checkpoint
 from fer_tune.train.metrics import confusion_matrix, scores_from_confusion
-from fer_tune.train.runtime import pick_device, predict_views
+from fer_tune.train.runtime import pick_device, predict_views, tta_description, tta_mode
 
 # Emotion classes of other datasets that no FER-2013/RAF-DB model has (CK+ and AffectNet's
 # contempt, AffectNet's none/uncertain/non-face): images of these are dropped with a note.
@@ -49,46 +49,47 @@ class EvalData:
         return cls(x, y, tuple(dataset.classes), copies, name=f"{dataset.name} {split}")
 
 
-@torch.no_grad()
-def predict_probs(model: torch.nn.Module, images: np.ndarray, norm: Sequence[float], *, tta: bool = False,
-                  channels_last: bool = True, batch_size: int = 512, device=None) -> np.ndarray:
+def predict_probs(model: torch.nn.Module, images: np.ndarray, norm: Sequence[float], *,
+                  tta: bool | str | None = None, channels_last: bool = True, batch_size: int = 512,
+                  device=None) -> np.ndarray:
     """Softmax probabilities (N, num_classes) of uint8 images, in fp32 (evaluation is not timed);
-    with `tta` of the logits averaged over each image and its horizontal mirror."""
-    plain, flip = predict_probs_with_and_without_tta(model, images, norm, tta=tta, channels_last=channels_last,
-                                                     batch_size=batch_size, device=device)
-    return flip if tta else plain
+    with `tta` ("flip", "crops"; True = "flip") of the logits averaged over each image's views."""
+    plain, averaged = predict_probs_with_and_without_tta(model, images, norm, tta=tta, channels_last=channels_last,
+                                                         batch_size=batch_size, device=device)
+    return plain if averaged is None else averaged
 
 
 def predict_probs_with_and_without_tta(model: torch.nn.Module, images: np.ndarray, norm: Sequence[float], *,
-                                       tta: bool = True, channels_last: bool = True, batch_size: int = 512,
-                                       device=None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(probabilities without TTA, probabilities with flip TTA or None): both from one pass over the
-    images, so a model scored both ways has still seen each test image once (and its mirror once)."""
+                                       tta: bool | str | None = "flip", channels_last: bool = True,
+                                       batch_size: int = 512, device=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities without TTA, probabilities with TTA or None): both from one pass over the
+    images, so a model scored both ways has still seen each test image once (and each view once)."""
     device = pick_device(device) if device is not None else next(model.parameters()).device
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    plain, flip = [], []
+    plain, averaged = [], []
     for start in range(0, len(images), batch_size * 8):  # bounded device memory for big splits
         x = torch.as_tensor(np.ascontiguousarray(images[start:start + batch_size * 8])).to(device)
-        logits, mirrored = predict_views(model, x, mean=float(norm[0]), std=float(norm[1]), batch_size=batch_size,
-                                         precision="fp32", channels_last=channels_last, mirror=tta)
+        logits, mean_logits = predict_views(model, x, mean=float(norm[0]), std=float(norm[1]), batch_size=batch_size,
+                                            precision="fp32", channels_last=channels_last, tta=tta)
         plain.append(torch.softmax(logits, 1).cpu().numpy())
-        if tta:
-            flip.append(torch.softmax((logits + mirrored) / 2, 1).cpu().numpy())
+        if mean_logits is not None:
+            averaged.append(torch.softmax(mean_logits, 1).cpu().numpy())
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)  # noqa: E731
-    return cat(plain), (cat(flip) if tta else None)
+    return cat(plain), (cat(averaged) if tta_mode(tta) != "none" else None)
 
 
-def probs_of_checkpoint(state: dict, images: np.ndarray, *, tta: bool = False, device=None,
+def probs_of_checkpoint(state: dict, images: np.ndarray, *, tta: bool | str | None = None, device=None,
                         batch_size: int = 512) -> np.ndarray:
-    plain, flip = probs_of_checkpoint_with_and_without_tta(state, images, tta=tta, device=device,
-                                                           batch_size=batch_size)
-    return flip if tta else plain
+    plain, averaged = probs_of_checkpoint_with_and_without_tta(state, images, tta=tta, device=device,
+                                                               batch_size=batch_size)
+    return plain if averaged is None else averaged
 
 
-def probs_of_checkpoint_with_and_without_tta(state: dict, images: np.ndarray, *, tta: bool = True, device=None,
-                                             batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
+def probs_of_checkpoint_with_and_without_tta(state: dict, images: np.ndarray, *, tta: bool | str | None = "flip",
+                                             device=None, batch_size: int = 512
+                                             ) -> tuple[np.ndarray, np.ndarray | None]:
     model, cfg = model_from_checkpoint(state, device=pick_device(device))
     return predict_probs_with_and_without_tta(model, images, state["norm"], tta=tta,
                                               channels_last=cfg.channels_last, batch_size=batch_size)
@@ -114,7 +115,7 @@ def scores(labels, pred, classes: Sequence[str]) -> dict:
 # -- fer-tune evaluate -------------------------------------------------------------------------
 
 def evaluate_checkpoint(model_path: str | Path, data: str | Path, *, split: str = "test",
-                        data_root: str | Path | None = None, tta: bool = False, device: str | None = None,
+                        data_root: str | Path | None = None, tta: bool | str | None = None, device: str | None = None,
                         batch_size: int = 512, log=print) -> dict:
     """Score a checkpoint on a prepared dataset (name or folder) or a raw image folder/zip
     (`<class>/<img>` or `<split>/<class>/<img>`), on the classes the data and the model share.
@@ -130,7 +131,7 @@ def evaluate_checkpoint(model_path: str | Path, data: str | Path, *, split: str 
                         f"{'x'.join(map(str, want))}; prepare the data with matching --size/--rgb "
                         f"(`fer-tune data prepare ... --size {want[1]}{' --rgb' if want[0] == 3 else ''}`)")
     probs = probs_of_checkpoint(state, evaldata.images, tta=tta, device=device, batch_size=batch_size)
-    return {"model": str(model_path), "split": split, "tta": "horizontal flip" if tta else "none",
+    return {"model": str(model_path), "split": split, "tta": tta_description(tta),
             **evaluation_metrics(probs, evaldata, model_classes)}
 
 

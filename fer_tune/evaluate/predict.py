@@ -122,7 +122,7 @@ def prepare_image(path: str | Path, *, img_size: int, rgb: bool, detect: bool, m
 
 
 def predict_images(model_path: str | Path, images: Sequence[str | Path], *, detect: bool = True, top: int = 3,
-                   margin: float = DEFAULT_MARGIN, tta: bool = False, device: str | None = None,
+                   margin: float = DEFAULT_MARGIN, tta: bool | str | None = None, device: str | None = None,
                    detector: Callable | None = None) -> list[Prediction]:
     """A Prediction per image, in order; failed images carry their error and do not stop the others."""
     from fer_tune.evaluate.evaluate import predict_probs

@@ -48,6 +48,7 @@ from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint_with_and_wi
 from fer_tune.evaluate.experiment import Experiment, RankedConfig, read_experiment
 from fer_tune.search.storage import remote_experiment
 from fer_tune.train.checkpoint import load_checkpoint
+from fer_tune.train.runtime import tta_description, tta_mode
 from fer_tune.train.config import TrainConfig, selection_sign
 from fer_tune.train.loop import TrainData, fit
 from fer_tune.train.report import RunFolderReporter
@@ -90,7 +91,7 @@ class RunResult:
 
 def retrain(experiment: str | Path | None = None, *, storage: str | Path = "results", rank: int | None = None,
             top_k: int | None = None, seeds: int = 1, epochs: int | None = None,
-            epoch_factor: float = DEFAULT_EPOCH_FACTOR, time_budget: float | None = None, tta: bool = False,
+            epoch_factor: float = DEFAULT_EPOCH_FACTOR, time_budget: float | None = None, tta: bool | str | None = None,
             subset: float = 1.0, dataset: str | None = None, data_root: str | Path | None = None,
             address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
             device: str | None = None, force: bool = False, progress: bool = True, log=print,
@@ -115,6 +116,7 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
     if exp.final_dir.exists() and not force:
         raise UserError(f"{exp.final_dir} already exists; pass --force to replace it (it is replaced only when the "
                         "new retrain has finished)")
+    tta = None if tta_mode(tta) == "none" else tta_mode(tta)  # "flip" / "crops", or None
     ranked = exp.ranked(screen or top_k or rank or 1)
     if rank:
         ranked = ranked[rank - 1:]
@@ -183,10 +185,10 @@ def _transfer_source_hash(exp: Experiment) -> str | None:
         return None
 
 
-def score_on_test(state: dict, images: np.ndarray, *, tta: bool = False,
+def score_on_test(state: dict, images: np.ndarray, *, tta: str | None = None,
                   device: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The one place a final model meets the test split, once: its softmax probabilities without
-    TTA and, with `tta`, with flip TTA (else None), both from the same pass."""
+    TTA and, with `tta`, with TTA (else None), both from the same pass."""
     return probs_of_checkpoint_with_and_without_tta(state, images, tta=tta, device=device)
 
 
@@ -462,7 +464,7 @@ def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tt
                     "test_with_train_copy": int(np.sum(test.train_copy)) if test.train_copy is not None else None},
         "protocol": {"selection": f"best val epoch by {runs[0].config.select_metric}", "epochs": epochs_rule,
                      "seeds": seeds, "first_seed": first_seed,  # None: each config's own trial seed
-                     "top_k": len(ranked), "tta": "horizontal flip" if tta else "none",
+                     "top_k": len(ranked), "tta": tta_description(tta),
                      "train_subset": subset, "test_evaluations_per_model": 1,
                      "search_metric": exp.metric, "search_mode": exp.mode, "overrides": overrides or {},
                      "screen": (f"the top {len(screening['runs'])} configs trained {screening['budget_s']:.0f} s "
@@ -482,6 +484,11 @@ def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tt
     }
 
 
+def _tta_short(metrics: dict) -> str:
+    """'flip TTA' or 'crops TTA' (metrics.json written before crops existed say 'horizontal flip')."""
+    return "crops TTA" if metrics["protocol"]["tta"].startswith("horizontal flip x") else "flip TTA"
+
+
 def summary_text(metrics: dict, final_dir: Path) -> str:
     test = metrics["final"]["test"]
     lines = [f"final ({metrics['final']['kind']}, {metrics['protocol']['seeds']} seed(s)) on "
@@ -490,7 +497,7 @@ def summary_text(metrics: dict, final_dir: Path) -> str:
     plain = metrics["final"].get("test_without_tta", {})
     for subset, s in test.items():
         lines.append(f"  {names[subset]:17s} ({s['images']} images): accuracy {rep.pm(s['accuracy'])}, "
-                     f"macro-F1 {rep.pm(s['macro_f1'])}" + (" (flip TTA)" if plain else ""))
+                     f"macro-F1 {rep.pm(s['macro_f1'])}" + (f" ({_tta_short(metrics)})" if plain else ""))
         if subset in plain:
             lines.append(f"  {'':17s} without TTA: accuracy {rep.pm(plain[subset]['accuracy'])}, "
                          f"macro-F1 {rep.pm(plain[subset]['macro_f1'])}")
@@ -560,7 +567,8 @@ def final_markdown(m: dict, plots: dict) -> str:
                     + ([rep.pm(plain[subset]["accuracy"]), rep.pm(plain[subset]["macro_f1"])] if plain else []))
     head = ["evaluated on", "images", "accuracy", "macro-F1"]
     if plain:
-        head = ["evaluated on", "images", "accuracy (flip TTA)", "macro-F1 (flip TTA)", "accuracy (no TTA)",
+        short = _tta_short(metrics)
+        head = ["evaluated on", "images", f"accuracy ({short})", f"macro-F1 ({short})", "accuracy (no TTA)",
                 "macro-F1 (no TTA)"]
     lines += [rep.md_table(head, rows), ""]
     if d.get("test_with_train_copy"):

@@ -38,6 +38,7 @@ from fer_tune.train.checkpoint import load_checkpoint
 from fer_tune.train.config import TrainConfig, selection_sign
 from fer_tune.train.loop import TrainData, fit
 from fer_tune.train.report import RunFolderReporter
+from fer_tune.train.runtime import tta_description, tta_mode
 
 STRATEGIES = ("full", "freeze-lower", "linear-probe", "joint")
 FREEZE = {"full": "none", "freeze-lower": "lower", "linear-probe": "backbone", "joint": "none"}
@@ -51,13 +52,14 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
              storage: str | Path = "results", checkpoint: str | Path | None = None,
              source_dataset: str | None = None, epochs: int | None = None, lr_factor: float | None = None,
              joint_fraction: float = DEFAULT_JOINT_FRACTION, seed: int | None = None,
-             time_budget: float | None = None, tta: bool = False, data_root: str | Path | None = None,
+             time_budget: float | None = None, tta: bool | str | None = None, data_root: str | Path | None = None,
              device: str | None = None, force: bool = False, progress: bool = True, log=print) -> dict:
     """Zero-shot, fine-tune (one strategy or "all"), forgetting check; writes `<experiment>/transfer/`."""
     from fer_tune import data as datasets
     from fer_tune.data.prepared import atomic_dir
 
     t0 = time.time()
+    tta = None if tta_mode(tta) == "none" else tta_mode(tta)  # "flip" / "crops", or None
     strategies = list(STRATEGIES) if strategy == "all" else [strategy]
     if strategy != "all" and strategy not in STRATEGIES:
         raise UserError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)} or all")
@@ -122,7 +124,7 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
     return metrics
 
 
-def score_on_test(state: dict, images: np.ndarray, *, tta: bool = False, device: str | None = None) -> np.ndarray:
+def score_on_test(state: dict, images: np.ndarray, *, tta: str | None = None, device: str | None = None) -> np.ndarray:
     """Softmax probabilities of a model on a test split (counted by the tests: one call per model and split)."""
     return probs_of_checkpoint(state, images, tta=tta, device=device)
 
@@ -200,7 +202,7 @@ def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, seconds) 
     return {
         "experiment": exp.name, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "source_model": str(ckpt), "source_model_sha256": file_sha256(ckpt),
-        "tta": "horizontal flip" if tta else "none",
+        "tta": tta_description(tta),
         "source": {"name": src.name, "sha256": src.sha256, "image_shape": list(src.image_shape),
                    "counts": src.meta.get("counts", {})},
         "target": {"name": tgt.name, "sha256": tgt.sha256, "image_shape": list(tgt.image_shape),

@@ -6,6 +6,7 @@ import contextlib
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -51,34 +52,80 @@ def normalize(x01: torch.Tensor, mean: float, std: float, channels_last: bool) -
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+# Test-time augmentation: "flip" averages the logits of each image and its mirror; "crops" also
+# those of the image shifted by one pixel each way and zoomed in and out by 8 % (warped as training's
+# augmentation warps, so every view is one training could have drawn), each with its mirror.
+TTA_MODES = ("none", "flip", "crops")
+CROP_SHIFT_PX = 1
+CROP_ZOOMS = (1.08, 0.93)
+
+
+def tta_mode(tta: bool | str | None) -> str:
+    """'none', 'flip' or 'crops', from a mode name or a yes/no (yes = flip)."""
+    if tta in (None, False):
+        return "none"
+    if tta is True:
+        return "flip"
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    return tta
+
+
+def tta_description(tta: bool | str | None) -> str:
+    """How a TTA mode is written in metrics.json and reports."""
+    return {"none": "none", "flip": "horizontal flip",
+            "crops": f"horizontal flip x (the image, {CROP_SHIFT_PX}-pixel shifts up/down/left/right, zoom "
+                     f"{'/'.join(f'{z:g}' for z in CROP_ZOOMS)}): {2 * (5 + len(CROP_ZOOMS))} views"}[tta_mode(tta)]
+
+
+def tta_views(x: torch.Tensor, tta: bool | str | None) -> list[torch.Tensor]:
+    """The views of a batch of model inputs (B, C, H, W) that TTA averages over; the batch itself first."""
+    mode = tta_mode(tta)
+    views = [x]
+    if mode == "crops":
+        b, _, h, w = x.shape
+        px = CROP_SHIFT_PX
+        warps = [(1.0, 2 * dx / w, 2 * dy / h) for dx, dy in ((px, 0), (-px, 0), (0, px), (0, -px))]
+        warps += [(1 / zoom, 0.0, 0.0) for zoom in CROP_ZOOMS]
+        for scale, tx, ty in warps:
+            theta = torch.tensor([[scale, 0.0, tx], [0.0, scale, ty]], dtype=x.dtype, device=x.device)
+            grid = F.affine_grid(theta.expand(b, 2, 3), list(x.shape), align_corners=False)
+            view = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            views.append(view.contiguous(memory_format=torch.channels_last)
+                         if x.is_contiguous(memory_format=torch.channels_last) else view)
+    if mode != "none":
+        views += [v.flip(3) for v in views]
+    return views
+
+
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, *, mean: float, std: float,
                    batch_size: int = 512, precision: str = "fp32", channels_last: bool = True,
-                   flip_tta: bool = False) -> torch.Tensor:
-    """Float32 logits for uint8 images (N, C, H, W) already on the model's device (eval mode).
-
-    `flip_tta` averages the logits of each image and its horizontal mirror.
-    """
-    plain, mirrored = predict_views(model, images, mean=mean, std=std, batch_size=batch_size,
-                                    precision=precision, channels_last=channels_last, mirror=flip_tta)
-    return plain if mirrored is None else (plain + mirrored) / 2
+                   tta: bool | str | None = None) -> torch.Tensor:
+    """Float32 logits for uint8 images (N, C, H, W) already on the model's device (eval mode);
+    with `tta` ("flip", "crops"; True = "flip") the mean logits over each image's views."""
+    plain, averaged = predict_views(model, images, mean=mean, std=std, batch_size=batch_size,
+                                    precision=precision, channels_last=channels_last, tta=tta)
+    return plain if averaged is None else averaged
 
 
 @torch.no_grad()
 def predict_views(model: torch.nn.Module, images: torch.Tensor, *, mean: float, std: float,
                   batch_size: int = 512, precision: str = "fp32", channels_last: bool = True,
-                  mirror: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float32 logits of the images as they are and, with `mirror`, of their horizontal mirrors
-    (else None): one pass over the images, each view scored once."""
+                  tta: bool | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float32 logits of the images as they are and, with `tta`, the mean logits over their TTA
+    views (else None): one pass over the images, each view scored once."""
+    views_of = tta_mode(tta)
     was_training = model.training
     model.eval()
     device = images.device
-    plain, mirrored = [], []
+    plain, averaged = [], []
     for start in range(0, len(images), batch_size):
         x = to_input(images[start:start + batch_size], mean, std, channels_last)
         with autocast(device, precision):
-            plain.append(model(x).float())
-            if mirror:
-                mirrored.append(model(x.flip(3)).float())
+            logits = [model(view).float() for view in tta_views(x, views_of)]
+        plain.append(logits[0])
+        if views_of != "none":
+            averaged.append(torch.stack(logits).mean(0))
     model.train(was_training)
     cat = lambda parts: torch.cat(parts) if parts else torch.empty(0)  # noqa: E731
-    return cat(plain), (cat(mirrored) if mirror else None)
+    return cat(plain), (cat(averaged) if views_of != "none" else None)
