@@ -162,8 +162,8 @@ def cmd_evaluate(args) -> None:
     from fer_tune.evaluate.evaluate import evaluate_checkpoint, evaluation_text, write_evaluation
 
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
-    metrics = evaluate_checkpoint(args.model, args.data, split=args.split, data_root=args.data_root, tta=tta_of(args),
-                                  device=args.device, batch_size=args.batch_size, log=log)
+    metrics = evaluate_checkpoint(args.model, args.data, split=args.split, data_root=args.data_root,
+                                  tta=tta_of(args), device=args.device, batch_size=args.batch_size, log=log)
     if args.out:
         write_evaluation(args.out, metrics)
     if args.json:

@@ -48,10 +48,10 @@ from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint_with_and_wi
 from fer_tune.evaluate.experiment import Experiment, RankedConfig, read_experiment
 from fer_tune.search.storage import remote_experiment
 from fer_tune.train.checkpoint import load_checkpoint
-from fer_tune.train.runtime import tta_description, tta_mode
 from fer_tune.train.config import TrainConfig, selection_sign
 from fer_tune.train.loop import TrainData, fit
 from fer_tune.train.report import RunFolderReporter
+from fer_tune.train.runtime import tta_description, tta_mode
 
 DEFAULT_EPOCH_FACTOR = 2.0
 DEFAULT_SCREEN_BUDGET = 600.0  # seconds per screened config without --time-budget
@@ -91,8 +91,9 @@ class RunResult:
 
 def retrain(experiment: str | Path | None = None, *, storage: str | Path = "results", rank: int | None = None,
             top_k: int | None = None, seeds: int = 1, epochs: int | None = None,
-            epoch_factor: float = DEFAULT_EPOCH_FACTOR, time_budget: float | None = None, tta: bool | str | None = None,
-            subset: float = 1.0, dataset: str | None = None, data_root: str | Path | None = None,
+            epoch_factor: float = DEFAULT_EPOCH_FACTOR, time_budget: float | None = None,
+            tta: bool | str | None = None, subset: float = 1.0, dataset: str | None = None,
+            data_root: str | Path | None = None,
             address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
             device: str | None = None, force: bool = False, progress: bool = True, log=print,
             overrides: dict | None = None, first_seed: int | None = None, screen: int | None = None,
