@@ -278,7 +278,7 @@ def test_top_k_ensemble_averages_the_softmax_of_the_k_best(toy_fer, tmp_path, mo
     assert [c["trial_id"] for c in m["configs"]] == ["t1", "t2"]
     assert m["models"][1]["config"]["model"] == "simple_cnn" and m["models"][1]["epochs_run"] == 1
     # --tta: each model meets the test split once, scored with the flip and, in the same pass, without it.
-    assert [c[1]["tta"] for c in scored.calls] == [True, True]
+    assert [c[1]["tta"] for c in scored.calls] == ["flip", "flip"]
     plain = [c[2][0] for c in scored.calls]
     flip = [c[2][1] for c in scored.calls]
     assert not any(np.array_equal(p, f) for p, f in zip(plain, flip))
@@ -509,3 +509,13 @@ def test_screen_flags(toy_fer, tmp_path):
     with pytest.raises(SystemExit):  # argparse: --screen excludes --rank and --top-k
         cli(base + ["--screen", "2", "--rank", "1"])
     assert not (exp / "final").exists()
+
+
+def test_crops_tta_is_recorded_and_reported_beside_the_plain_score(toy_fer, tmp_path):
+    data_root, ds = toy_fer
+    make_experiment(tmp_path, ds)
+    m = retrain("exp", storage=tmp_path, data_root=data_root, epochs=1, tta="crops", **QUIET)
+    assert m["protocol"]["tta"].startswith("horizontal flip x (the image") and m["protocol"]["tta"].endswith("14 views")
+    assert m["final"]["test_without_tta"]["all"]["accuracy"]["mean"] is not None
+    report = (tmp_path / "exp" / "final" / "report.md").read_text()
+    assert "accuracy (crops TTA)" in report and "accuracy (no TTA)" in report

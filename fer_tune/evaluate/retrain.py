@@ -568,7 +568,7 @@ def final_markdown(m: dict, plots: dict) -> str:
                     + ([rep.pm(plain[subset]["accuracy"]), rep.pm(plain[subset]["macro_f1"])] if plain else []))
     head = ["evaluated on", "images", "accuracy", "macro-F1"]
     if plain:
-        short = _tta_short(metrics)
+        short = _tta_short(m)
         head = ["evaluated on", "images", f"accuracy ({short})", f"macro-F1 ({short})", "accuracy (no TTA)",
                 "macro-F1 (no TTA)"]
     lines += [rep.md_table(head, rows), ""]
