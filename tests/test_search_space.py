@@ -312,3 +312,19 @@ def test_pretrained_weights_are_checked_when_the_space_loads(tmp_path):
     assert not space.params["pretrained"].active({"model": "timm/efficientnet_b0"})
     with pytest.raises(UserError, match="pretrained"):
         parse_space({**BASE, "model": models, "pretrained": {"choice": [str(weights), str(tmp_path / "gone.pth")]}})
+
+
+def test_a_local_search_on_a_cpu_without_bf16_says_trials_train_in_fp32(monkeypatch):
+    from fer_tune.search.tuner import fp32_note
+    from fer_tune.train import runtime
+
+    cpu = {"CPU": 2.0, "GPU": 0.0}
+    space = parse_space(dict(BASE))
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    assert fp32_note(space, cpu, local=True).startswith("this CPU has no native bf16, so trials train in fp32")
+    assert fp32_note(parse_space({**BASE, "precision": "auto"}), cpu, local=True)
+    assert fp32_note(space, cpu, local=False) is None  # a cluster's workers may have other CPUs
+    assert fp32_note(space, {"CPU": 2.0, "GPU": 1.0}, local=True) is None
+    assert fp32_note(parse_space({**BASE, "precision": "fp32"}), cpu, local=True) is None  # asked for fp32
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    assert fp32_note(space, cpu, local=True) is None

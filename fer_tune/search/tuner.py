@@ -167,6 +167,9 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
             where = "a local Ray instance" if started and not address else f"Ray at {address or 'the connected cluster'}"
             print(f"fer-tune: {executor} executor on {where} ({cluster.describe(capacity, reach)}); "
                   "inspect it with `RAY_AUTH_MODE=token ray status` (token authentication is on by default)")
+            note = fp32_note(space, capacity, local=started and not address)
+            if note:
+                print(f"fer-tune: note: {note}")
         cluster.check_fits(capacity, workers_per_trial, cpus_per_trial, gpus_per_trial, address)
         if local_dir is not None and not shared_path:
             cluster.check_local_storage(storage, capacity, gpus_per_trial)
@@ -314,6 +317,20 @@ def _progress_reporter(space: SearchSpace):
 
 def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
+
+
+def fp32_note(space: SearchSpace, capacity: dict[str, float], local: bool) -> str | None:
+    """On a local CPU-only instance whose CPU has no native bf16, trials of a space left at
+    `precision: auto` train in fp32, several times slower than the figures in the README: say so
+    before the first trial, where a user sizes --subset and --max-epochs (a cluster's workers may differ)."""
+    from fer_tune.train.runtime import cpu_has_bf16
+
+    precision = space.params.get("precision")
+    auto = precision is None or (precision.fixed and precision.candidates() == ["auto"])
+    if not local or capacity["GPU"] > 0 or not auto or cpu_has_bf16():
+        return None
+    return ("this CPU has no native bf16, so trials train in fp32, 3-4x slower than on a CPU with AVX-512 bf16; "
+            "size --subset and --max-epochs for that")
 
 
 def make_sampler(seed: int, trials: int, kind: str = "tpe"):
