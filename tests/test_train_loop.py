@@ -197,7 +197,10 @@ def test_a_slow_first_epoch_does_not_collapse_the_schedule(toy_data):
                 time.sleep(0.55)  # epoch 1 alone costs ~5.5 s more (10 batches)
 
     rep = SlowStart()
-    result = fit(TrainConfig(**{**FAST, "epochs": 1000, "time_budget": 16.0}), toy_data, rep)
+    # A tiny MLP, so the sleep sets the pace whatever the CPU (in fp32 on a CPU without bf16 the
+    # simple_cnn's own epochs left room for only 3).
+    cfg = {**FAST, "model": "mlp", "model_kwargs": {"hidden": [64]}, "epochs": 1000, "time_budget": 16.0}
+    result = fit(TrainConfig(**cfg), toy_data, rep)
     lrs = [h["lr"] for h in rep.history]
     assert result.epochs_run >= 4
     # Cosine over the whole run keeps the first half at >= half the peak learning rate; a schedule
