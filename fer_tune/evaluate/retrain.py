@@ -486,8 +486,8 @@ def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tt
 
 
 def _tta_short(metrics: dict) -> str:
-    """'flip TTA' or 'crops TTA' (metrics.json written before crops existed say 'horizontal flip')."""
-    return "crops TTA" if metrics["protocol"]["tta"].startswith("horizontal flip x") else "flip TTA"
+    """'crops TTA' or 'flip TTA', from the protocol's description of the views (the one record of them)."""
+    return "crops TTA" if metrics["protocol"]["tta"] == tta_description("crops") else "flip TTA"
 
 
 def summary_text(metrics: dict, final_dir: Path) -> str:
