@@ -217,3 +217,13 @@ def test_checkpoint_cleanup_deletes_only_what_no_resume_can_ask_for(tmp_path):
     final.on_trial_complete(0, [], ended)
     final.final_sweep()  # after the search's last snapshot: no grace needed
     assert [n for n in left("d") if n.startswith("checkpoint_0")] == []
+
+    # Interrupted (Ctrl-C): the worker persisted checkpoint 2 but the driver never took in its report,
+    # so the last snapshot names checkpoint 1, which --resume restores: the end keeps it.
+    interrupted = trial("e", 2)
+    final.on_trial_result(0, [], interrupted, {})
+    final.final_sweep()
+    assert [n for n in left("e") if n.startswith("checkpoint_0")] == ["checkpoint_000001", "checkpoint_000002"]
+    age("e", 20)
+    final.final_sweep()
+    assert [n for n in left("e") if n.startswith("checkpoint_0")] == ["checkpoint_000002"]

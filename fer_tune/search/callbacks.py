@@ -160,7 +160,8 @@ class CheckpointCleanup(Callback):
     - all checkpoints of a trial Tune completed or ASHA stopped, `grace_s` after it finished, and at
       the end of the search (a search of larger models would otherwise keep gigabytes of them),
       unless `keep_finished`.
-    Failed and interrupted trials keep their newest (for --resume). Local storage only: with a URI
+    Failed and interrupted trials keep their newest (for --resume), and the older ones until the newest
+    has existed for `grace_s`, also at the end of the search. Local storage only: with a URI
     storage Ray keeps the newest two per trial."""
 
     def __init__(self, train_runs: str | None, *, keep_finished: bool = False, grace_s: float = 10.0,
@@ -202,9 +203,12 @@ class CheckpointCleanup(Callback):
 
     def final_sweep(self, wait_s: float = 0.0) -> None:
         """After the search (its last snapshot is written): a stopped Train worker may persist one
-        more checkpoint within a second or two of its trial, so wait, then sweep without grace."""
+        more checkpoint within a second or two of its trial, so wait, then sweep the trials Tune
+        finished without grace. An interrupted trial keeps the grace: its worker may have persisted a
+        checkpoint whose report the driver never took in, so the last snapshot names an older one,
+        the one `--resume` restores."""
         time.sleep(wait_s)
-        self._sweep(now=float("inf"))
+        self._sweep(finished_grace_s=0.0)
 
     def _track(self, trial) -> None:
         if trial.trial_id not in self.folders:
@@ -213,20 +217,20 @@ class CheckpointCleanup(Callback):
                 folders.append(Path(self.train_runs) / trial.trial_id)
             self.folders[trial.trial_id] = folders
 
-    def _sweep(self, now: float | None = None) -> None:
+    def _sweep(self, finished_grace_s: float | None = None) -> None:
         import shutil
 
-        now = time.time() if now is None else now
-        self._last = time.time()
+        now = self._last = time.time()
+        finished_grace_s = self.grace_s if finished_grace_s is None else finished_grace_s
         for trial_id, folders in self.folders.items():
-            finished = trial_id in self.done and now - self.done[trial_id] > self.grace_s
+            finished = trial_id in self.done and now - self.done[trial_id] >= finished_grace_s
             for folder in folders:
                 ckpts = sorted(p for p in folder.glob("checkpoint_*") if p.is_dir())
                 if not ckpts:
                     continue
                 if finished and not self.keep_finished:
                     doomed = ckpts
-                elif now - _mtime(ckpts[-1]) > self.grace_s:
+                elif (finished and finished_grace_s == 0) or now - _mtime(ckpts[-1]) > self.grace_s:
                     doomed = ckpts[:-1]
                 else:
                     continue
