@@ -1,6 +1,7 @@
 """The one training loop, end to end on small learnable data."""
 
 import math
+import zipfile
 
 import pytest
 import torch
@@ -77,8 +78,21 @@ def test_checkpoint_loading_refuses_arbitrary_pickles(tmp_path):
     torch.save({"model": Evil(), "config": {}}, path)
     from fer_tune.errors import UserError
 
-    with pytest.raises(UserError, match="evil.pt: not a readable fer-tune checkpoint"):
+    with pytest.raises(UserError, match="evil.pt: not a readable fer-tune checkpoint") as err:
         load_checkpoint(path)
+    assert "it holds Python objects" in str(err.value)
+    assert "weights_only" not in str(err.value)  # torch's advice to unpickle anyway is not passed on
+
+    # Whatever else a user passes as MODEL is one line too (torch raises KeyError, ValueError, ... on them).
+    (tmp_path / "notes.txt").write_text("explain like I'm five\n")
+    (tmp_path / "face.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("a.txt", "not a torch file")
+    for name in ("notes.txt", "face.png", "other.zip"):
+        with pytest.raises(UserError, match=f"{name}: not a readable fer-tune checkpoint") as err:
+            load_checkpoint(tmp_path / name)
+        assert ("the checkpoint comes before the images" in str(err.value)) == (name == "face.png")
+        assert "Python objects" not in str(err.value)
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.99], ids=["plain", "ema"])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 
+from fer_tune.data.decode import IMAGE_SUFFIXES
 from fer_tune.errors import UserError
 
 
@@ -32,10 +32,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
+    what = "a .pt file written by fer-tune train or retrain, such as results/train/<run>/best.pt"
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        what += "; the checkpoint comes before the images"
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as exc:
-        raise UserError(f"{path}: not a readable fer-tune checkpoint ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # a text file, a zip that is no torch file, a truncated file ...: torch raises all
+        # sorts, and its message advises weights_only=False, which is not for a file from anywhere.
+        objects = isinstance(exc, pickle.UnpicklingError) and "not an allowed global" in str(exc)
+        detail = "it holds Python objects besides tensors and plain values, which fer-tune does not unpickle; " \
+            if objects else ""
+        raise UserError(f"{path}: not a readable fer-tune checkpoint ({detail}expected {what})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path}: not a fer-tune checkpoint (expected weights and config)")
     return state
