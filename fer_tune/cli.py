@@ -105,6 +105,10 @@ def cmd_train(args) -> None:
         if fresh:
             shutil.rmtree(out, ignore_errors=True)
         raise RunFailed(f"{exc}; lower lr (or set grad_clip) and run again; nothing was kept in {out}") from None
+    except UserError:  # e.g. an unknown model or model argument, found when the model is built
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     best = result.best
     print(f"done: {result.epochs_run} epochs ({result.stop_reason}); best epoch {best['epoch']}: "
           f"val_acc {best['val_acc']:.4f}, val_macro_f1 {best['val_macro_f1']:.4f}; checkpoint {out / 'best.pt'}")

@@ -45,6 +45,7 @@ def test_a_diverging_run_is_one_line_and_leaves_nothing(toy_prepared, tmp_path, 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--set", "lerning_rate=1"], "flags: unknown key(s) lerning_rate; valid keys:"),
     (["train", "--model", "resnet9000"], "resnet9000"),
+    (["train", "--set", "model_kwargs.nosuch=3"], "nosuch"),
     (["train", "--dataset", "nope"], "no prepared dataset 'nope'"),
     (["train", "--config", "missing.yaml"], "missing.yaml: config file not found"),
 ])
@@ -55,6 +56,7 @@ def test_user_errors_are_one_line(toy_prepared, tmp_path, capsys, argv, message)
     assert code == 2
     assert err.startswith("fer-tune: error: ") and message in err
     assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # no half-made run folder
 
 
 @pytest.mark.parametrize("argv,start,message", [
