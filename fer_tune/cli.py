@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="fer-tune",
         description="Hyperparameter search for facial expression recognition (Ray Tune + Optuna + ASHA).",
-        epilog="Start with: fer-tune data prepare fer2013 PATH/TO/fer2013.zip; then fer-tune search --space cnn")
+        epilog="Start with: fer-tune data prepare fer2013 PATH/TO/fer2013.zip; then fer-tune search --space cnn "
+               "on a GPU cluster, or fer-tune search --space cpu --subset 0.5 --executor direct on one CPU machine")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def data_root_flag(p):

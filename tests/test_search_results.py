@@ -121,6 +121,9 @@ def test_trials_command_sort_default_latest_and_errors(experiment, capsys, monke
     assert main(["trials", "--format", "csv", "--sort", "val_loss"]) == 0  # latest under ./results
     ids = [line.split(",")[0] for line in capsys.readouterr().out.strip().splitlines()[1:]]
     assert ids[0] == "t2"  # one epoch: lowest best val_loss in the stand-ins
+    assert main(["trials", "--sort", "val_loss"]) == 0
+    head, _, first = capsys.readouterr().out.splitlines()[:3]
+    assert head.endswith("(4 trials, by val_loss, lowest first)") and first.split()[0] == "t2"
     assert main(["trials", "smoke-1", "--sort", "no_such_metric"]) == 2
     assert "--sort no_such_metric: no such column" in capsys.readouterr().err
     assert main(["trials", "nope"]) == 2

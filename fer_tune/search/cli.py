@@ -116,7 +116,11 @@ def cmd_trials(args) -> None:
     text = results.format_table(df, args.format, sort=sort, mode=mode if not sort or sort == metric else None,
                                 top=args.top, columns=columns)
     if args.format == "table":
-        print(f"{exp}  ({len(df)} trials, best {metric} first)")
+        order = f"best {metric} first"
+        if sort and sort != metric:
+            base = sort[5:] if sort.startswith(("best_", "last_")) else sort
+            order = f"by {sort}, {'lowest' if results.lower_is_better(base) else 'highest'} first"
+        print(f"{exp}  ({len(df)} trials, {order})")
     print(text)
 
 
