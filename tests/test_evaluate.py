@@ -134,6 +134,9 @@ def test_report_files_and_cli(model_path, toy_prepared, tmp_path, capsys):
         code, err = cli(["evaluate", str(model_path), "--data", "fer2013", "--data-root", str(toy_prepared),
                          "--json", *flags])
         assert code == 0 and json.loads(capsys.readouterr().out)["tta"].startswith(tta)
+    for flags, said in (([], "classes):"), (["--tta"], "classes, flip TTA):"), (["--tta-crops"], "classes, crops TTA):")):
+        code, err = cli(["evaluate", str(model_path), "--data", "fer2013", "--data-root", str(toy_prepared), *flags])
+        assert code == 0 and capsys.readouterr().out.splitlines()[0].endswith(said)
     code, err = cli(["evaluate", str(tmp_path / "missing.pt"), "--data", "fer2013"])
     assert code == 2 and err.endswith("missing.pt: checkpoint not found")
 

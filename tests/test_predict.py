@@ -80,7 +80,12 @@ def test_bad_files_are_reported_and_the_rest_processed(model_path, crops, tmp_pa
 
     code, err = cli(["predict", str(model_path), str(paths[2]), "--no-detect"])
     assert code == 0
-    assert capsys.readouterr().out.startswith(f"{paths[2]}: ")
+    out = capsys.readouterr().out
+    assert out.startswith(f"{paths[2]}: ") and "TTA" not in out
+    code, err = cli(["predict", str(model_path), str(paths[2]), "--no-detect", "--tta"])
+    assert code == 0 and capsys.readouterr().out.rstrip().endswith("(flip TTA)")
+    code, err = cli(["predict", str(model_path), str(paths[2]), "--no-detect", "--tta-crops", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)[0]["tta"] == "crops"
 
 
 def has_cascade() -> bool:

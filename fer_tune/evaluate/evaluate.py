@@ -21,7 +21,7 @@ from fer_tune.data.classes import CLASSES, accepted_names, canonical_class
 from fer_tune.errors import UserError
 from fer_tune.train.checkpoint import load_checkpoint, model_from_checkpoint
 from fer_tune.train.metrics import confusion_matrix, scores_from_confusion
-from fer_tune.train.runtime import pick_device, predict_views, tta_description, tta_mode
+from fer_tune.train.runtime import pick_device, predict_views, tta_description, tta_mode, tta_mode_described
 
 # Emotion classes of other datasets that no FER-2013/RAF-DB model has (CK+ and AffectNet's
 # contempt, AffectNet's none/uncertain/non-face): images of these are dropped with a note.
@@ -137,7 +137,9 @@ def evaluate_checkpoint(model_path: str | Path, data: str | Path, *, split: str 
 
 def evaluation_text(m: dict) -> str:
     """The console summary of `evaluate_checkpoint`'s metrics."""
-    lines = [f"{m['model']} on {m['data']} ({m['images']} images, {len(m['classes'])} classes):"]
+    mode = tta_mode_described(m["tta"])
+    tta = f", {mode} TTA" if mode != "none" else ""
+    lines = [f"{m['model']} on {m['data']} ({m['images']} images, {len(m['classes'])} classes{tta}):"]
     names = {"all": "all images", "no_train_copy": "no copy in train"}
     for key in ("all", "no_train_copy"):
         if key in m:

@@ -35,6 +35,7 @@ class Prediction:
     face: dict | None = None  # {"x", "y", "w", "h"} of the face used, in the image's pixels
     faces_found: int | None = None  # None with --no-detect
     note: str = ""
+    tta: str = "none"  # the TTA mode of the probabilities: none, flip or crops
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +48,8 @@ class Prediction:
         if self.face:
             f = self.face
             where = f"  [face {f['w']}x{f['h']} at ({f['x']},{f['y']})" + (f"; {self.note}" if self.note else "") + "]"
-        return f"{self.image}: {probs}{where}"
+        tta = f" ({self.tta} TTA)" if self.tta != "none" else ""
+        return f"{self.image}: {probs}{tta}{where}"
 
 
 class FaceDetector:
@@ -127,7 +129,7 @@ def predict_images(model_path: str | Path, images: Sequence[str | Path], *, dete
     """A Prediction per image, in order; failed images carry their error and do not stop the others."""
     from fer_tune.evaluate.evaluate import predict_probs
     from fer_tune.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from fer_tune.train.runtime import pick_device
+    from fer_tune.train.runtime import pick_device, tta_mode
 
     if top < 1:
         raise UserError(f"--top {top}: must be >= 1")
@@ -158,4 +160,5 @@ def predict_images(model_path: str | Path, images: Sequence[str | Path], *, dete
         for (i, _), p in zip(ready, probs):
             order = np.argsort(-p)[: min(top, len(classes))]
             out[i].top = [{"class": classes[k], "probability": round(float(p[k]), 4)} for k in order]
+            out[i].tta = tta_mode(tta)
     return out

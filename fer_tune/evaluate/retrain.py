@@ -51,7 +51,7 @@ from fer_tune.train.checkpoint import load_checkpoint
 from fer_tune.train.config import TrainConfig, selection_sign
 from fer_tune.train.loop import TrainData, fit
 from fer_tune.train.report import RunFolderReporter
-from fer_tune.train.runtime import tta_description, tta_mode
+from fer_tune.train.runtime import tta_description, tta_mode, tta_mode_described
 
 DEFAULT_EPOCH_FACTOR = 2.0
 DEFAULT_SCREEN_BUDGET = 600.0  # seconds per screened config without --time-budget
@@ -487,7 +487,7 @@ def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tt
 
 def _tta_short(metrics: dict) -> str:
     """'crops TTA' or 'flip TTA', from the protocol's description of the views (the one record of them)."""
-    return "crops TTA" if metrics["protocol"]["tta"] == tta_description("crops") else "flip TTA"
+    return f"{tta_mode_described(metrics['protocol']['tta'])} TTA"
 
 
 def summary_text(metrics: dict, final_dir: Path) -> str:

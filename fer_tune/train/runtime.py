@@ -78,6 +78,14 @@ def tta_description(tta: bool | str | None) -> str:
                      f"{'/'.join(f'{z:g}' for z in CROP_ZOOMS)}): {2 * (5 + len(CROP_ZOOMS))} views"}[tta_mode(tta)]
 
 
+def tta_mode_described(description: str) -> str:
+    """The TTA mode whose `tta_description` this is (metrics.json keeps the description)."""
+    modes = [mode for mode in TTA_MODES if tta_description(mode) == description]
+    if not modes:
+        raise ValueError(f"not a description of a TTA mode: {description!r}")
+    return modes[0]
+
+
 def tta_views(x: torch.Tensor, tta: bool | str | None) -> list[torch.Tensor]:
     """The views of a batch of model inputs (B, C, H, W) that TTA averages over; the batch itself first."""
     mode = tta_mode(tta)
