@@ -164,6 +164,21 @@ def test_ranked_configs_resolve_each_trials_alternative(toy_fer, tmp_path):
     assert (second.config.model, second.config.aug_strength, second.config.lr) == ("simple_cnn", 0.3, 0.02)
 
 
+def test_report_counts_the_train_images_a_subset_retrain_had():
+    from fer_tune.data import stratified_indices
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(7, size=3000, p=[0.14, 0.015, 0.14, 0.25, 0.17, 0.11, 0.175])
+    classes = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    counts = {"train": {c: int((labels == i).sum()) for i, c in enumerate(classes)}, "val": {"angry": 5}}
+    assert retrain_mod.trained_counts(counts, 1.0) == counts
+    shown = retrain_mod.trained_counts(counts, 0.02)
+    assert list(shown) == ["train (subset 0.02)", "val"] and shown["val"] == counts["val"]
+    for seed in (0, 1):
+        kept = labels[stratified_indices(labels, 0.02, seed)]
+        assert shown["train (subset 0.02)"] == {c: int((kept == i).sum()) for i, c in enumerate(classes)}
+
+
 def test_table_integers_come_back_whole_without_a_space(toy_fer, tmp_path):
     """With no space in search.yaml the table's columns are config keys as they are; a column some rows
     leave empty is float (fc 128.0), and integers must come back whole for the models."""

@@ -13,9 +13,13 @@ def stratified_indices(labels: np.ndarray, fraction: float, seed: int) -> np.nda
     picked = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
-        count = min(len(members), max(1, round(fraction * len(members))))
-        picked.append(rng.choice(members, size=count, replace=False))
+        picked.append(rng.choice(members, size=stratified_count(len(members), fraction), replace=False))
     return np.sort(np.concatenate(picked)) if picked else np.empty(0, dtype=np.int64)
+
+
+def stratified_count(members: int, fraction: float) -> int:
+    """How many of a class's `members` `stratified_indices` keeps (whatever the seed)."""
+    return min(members, max(1, round(fraction * members))) if members else 0
 
 
 def slice_val(split: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -446,6 +446,18 @@ def summarize(tests: list[dict], classes) -> dict:
     return out
 
 
+def trained_counts(counts: dict, subset: float) -> dict:
+    """The dataset's images per split and class, with train as the runs had it: under --subset, the
+    stratified slice's counts, as split "train (subset F)"."""
+    if subset >= 1.0 or "train" not in counts:
+        return counts
+    from fer_tune.data.splits import stratified_count
+
+    sliced = {c: stratified_count(n, subset) for c, n in counts["train"].items()}
+    return {(f"train (subset {subset:g})" if split == "train" else split): (sliced if split == "train" else n)
+            for split, n in counts.items()}
+
+
 def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tta, seeds, epochs_rule, subset,
              seconds, plain_ensembles=(), overrides=None, first_seed=None, screening=None) -> dict:
     final_tests = [e["test"] for e in ensembles] if ensembles else [r.test for r in runs]
@@ -460,7 +472,7 @@ def _metrics(exp: Experiment, ds, ranked, runs, ensembles, test: EvalData, *, tt
         "experiment_dir": str(exp.path),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "dataset": {"name": ds.name, "sha256": ds.sha256, "image_shape": list(ds.image_shape),
-                    "classes": list(ds.classes), "counts": ds.meta.get("counts", {}),
+                    "classes": list(ds.classes), "counts": trained_counts(ds.meta.get("counts", {}), subset),
                     "test_images": int(len(test.labels)),
                     "test_with_train_copy": int(np.sum(test.train_copy)) if test.train_copy is not None else None},
         "protocol": {"selection": f"best val epoch by {runs[0].config.select_metric}", "epochs": epochs_rule,
