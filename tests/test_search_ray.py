@@ -225,7 +225,7 @@ def test_ctrl_c_stops_cleanly_and_writes_the_tables(ray_instance, toy_prepared, 
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
-    assert "interrupted: continue with `fer-tune search --resume --name interrupted`" in out
+    assert f"interrupted: continue with `fer-tune search --resume --name interrupted --storage {tmp_path}`" in out
     table = pd.read_csv(tmp_path / "interrupted" / "trials.csv")
     assert table["status"].isin(["completed", "stopped early"]).sum() >= 1 and len(table) < 12
     assert set(table["status"]) <= {"completed", "stopped early", "interrupted", "pending"}

@@ -230,3 +230,19 @@ def test_checkpoint_cleanup_deletes_only_what_no_resume_can_ask_for(tmp_path):
     age("e", 20)
     final.final_sweep()
     assert [n for n in left("e") if n.startswith("checkpoint_0")] == ["checkpoint_000002"]
+
+
+def test_the_resume_hint_names_the_storage_when_it_is_not_the_default(tmp_path, monkeypatch):
+    from fer_tune.search.tuner import SearchSummary
+
+    monkeypatch.chdir(tmp_path)
+
+    def hint(path):
+        summary = SearchSummary(name="x", path=path, table=pd.DataFrame(), metric="val_acc", mode="max",
+                                max_epochs=2, seconds=1.0, interrupted=True)
+        return summary.text().splitlines()[-1]
+
+    assert hint("results/x") == "interrupted: continue with `fer-tune search --resume --name x`"
+    assert hint(str(tmp_path / "results" / "x")).endswith("--resume --name x`")
+    assert hint("/data/runs/x").endswith("--resume --name x --storage /data/runs`")
+    assert hint("s3://bucket/fer/x").endswith("--resume --name x --storage s3://bucket/fer`")

@@ -81,10 +81,18 @@ class SearchSummary:
                          f"  ({self.best.get('epochs')} epochs)")
             params = {k: v for k, v in (self.best_config or {}).items()}
             lines.append("best config: " + json.dumps(params, default=str))
-        lines.append(f"results: {self.path}  (fer-tune trials {self.path}; tensorboard --logdir {self.path})")
+        lines.append(f"results: {self.path}  (fer-tune trials {self.path}; fer-tune board {self.path})")
         if self.interrupted:
-            lines.append(f"interrupted: continue with `fer-tune search --resume --name {self.name}`")
+            lines.append(f"interrupted: continue with `fer-tune search --resume --name {self.name}{self.storage_flag}`")
         return "\n".join(lines)
+
+    @property
+    def storage_flag(self) -> str:
+        """` --storage PARENT` where the experiment is not under the default ./results."""
+        parent = self.path.rsplit("/", 1)[0] if "/" in self.path else "."
+        if "://" not in parent and Path(parent).resolve() == Path("results").resolve():
+            return ""
+        return f" --storage {parent}"
 
 
 def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int | None = None,
