@@ -364,6 +364,8 @@ def test_load_by_path_and_missing_name(fer_zip, root):
     message = str(info.value)
     assert f"no prepared dataset 'fer2013' in {root} (prepared there: mine)" in message
     assert f"`fer-tune data prepare fer2013 PATH/TO/fer2013.zip --data-root {root}`" in message
+    with pytest.raises(UserError, match=f"no prepared dataset 'mnie' in {root} \\(did you mean 'mine'\\?\\) "):
+        load("mnie", data_root=root)
 
 
 # ---------------------------------------------------------------------------------------------

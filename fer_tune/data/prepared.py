@@ -6,6 +6,7 @@ split.npy (uint8: 0 train, 1 val, 2 test), train_copy.npy (bool: a val/test imag
 pixel-identical copy in train) and meta.json. Images are ordered by split, then by source path.
 """
 
+import difflib
 import json
 import os
 import re
@@ -174,7 +175,9 @@ def load(name_or_path: str | Path, data_root: str | Path | None = None, verify: 
     )
     if data_root is not None:
         command += f" --data-root {shlex.quote(str(data_root))}"
-    raise UserError(f"no prepared dataset '{name_or_path}' in {root} ({holds}); run `{command}`")
+    close = difflib.get_close_matches(str(name_or_path), prepared, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise UserError(f"no prepared dataset '{name_or_path}' in {root}{hint} ({holds}); run `{command}`")
 
 
 def list_prepared(data_root: str | Path | None = None) -> list[str]:
