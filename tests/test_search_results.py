@@ -97,6 +97,7 @@ def test_trials_command_formats(experiment, capsys, fmt):
         rows = json.loads(out)
         assert [r["trial_id"] for r in rows] == ["t3", "t1"]
         assert set(rows[0]) >= {"status", "epochs", "best_val_acc", "last_val_acc", "lr", "optimizer", "wall_s"}
+        assert rows[0]["model_kwargs.hidden"] == [64]  # a list, not the text the table stores it as
     elif fmt == "csv":
         lines = out.strip().splitlines()
         assert lines[0].startswith("trial_id,status,epochs,best_val_acc,last_val_acc")

@@ -112,6 +112,16 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def _uncell(value: Any) -> Any:
+    """A list or dict value back from the JSON text `_cell` stored it as (for JSON output)."""
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value
+
+
 # -- the table ----------------------------------------------------------------------------------
 
 def build_table(rows: Iterable[dict], metric: str, mode: str, params: list[str] | None = None) -> pd.DataFrame:
@@ -281,7 +291,8 @@ def format_table(df: pd.DataFrame, fmt: str = "table", *, sort: str | None = Non
     if fmt == "csv":
         return df.to_csv(index=False).rstrip("\n")
     if fmt == "json":
-        return json.dumps([{k: plain_value(v) for k, v in r.items()} for r in df.to_dict("records")], indent=2, default=str)
+        return json.dumps([{k: _uncell(plain_value(v)) for k, v in r.items()} for r in df.to_dict("records")],
+                          indent=2, default=str)
     shown = df.map(_short)
     if fmt == "markdown":
         head = "| " + " | ".join(shown.columns) + " |"
