@@ -231,6 +231,14 @@ def test_ctrl_c_stops_cleanly_and_writes_the_tables(ray_instance, toy_prepared, 
     assert set(table["status"]) <= {"completed", "stopped early", "interrupted", "pending"}
     assert (tmp_path / "interrupted" / "trials.parquet").is_file()
     assert yaml.safe_load((tmp_path / "interrupted" / "search.yaml").read_text())["status"] == "interrupted"
+    if signum == signal.SIGINT:
+        # The resume finds every interrupted trial's checkpoint (the end of the search kept the one Tune's
+        # last snapshot names, though the worker may have written a newer one), and fails none.
+        proc = cli(search_args(toy_prepared, tmp_path, ray_instance, "interrupted", 12) + ["--resume"])
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        after = pd.read_csv(tmp_path / "interrupted" / "trials.csv")
+        assert len(after) == 12 and set(after["status"]) <= {"completed", "stopped early"}, out
 
 
 def test_multi_worker_trial_trains_data_parallel(ray_instance, tiny_data, tmp_path):
