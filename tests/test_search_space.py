@@ -328,3 +328,16 @@ def test_a_local_search_on_a_cpu_without_bf16_says_trials_train_in_fp32(monkeypa
     assert fp32_note(parse_space({**BASE, "precision": "fp32"}), cpu, local=True) is None  # asked for fp32
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
     assert fp32_note(space, cpu, local=True) is None
+
+
+def test_a_local_cpu_search_with_a_gpu_sized_budget_names_the_cpu_search():
+    from fer_tune.search.tuner import cpu_budget_note
+
+    cpu, gpu = {"CPU": 2.0, "GPU": 0.0}, {"CPU": 8.0, "GPU": 1.0}
+    cnn, small = load_space("cnn"), load_space("cpu")
+    assert "--space cpu --subset 0.5 --executor direct" in cpu_budget_note(cnn, cnn.trials, 1.0, cpu, local=True)
+    assert cpu_budget_note(cnn, cnn.trials, 1.0, cpu, local=False) is None  # a cluster's nodes may have GPUs
+    assert cpu_budget_note(cnn, cnn.trials, 1.0, gpu, local=True) is None
+    assert cpu_budget_note(cnn, 8, 0.25, cpu, local=True) is None  # made small by flags
+    assert cpu_budget_note(small, small.trials, 0.5, cpu, local=True) is None  # the documented CPU search
+    assert cpu_budget_note(small, small.trials, 1.0, cpu, local=True) is None

@@ -175,9 +175,10 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
             where = "a local Ray instance" if started and not address else f"Ray at {address or 'the connected cluster'}"
             print(f"fer-tune: {executor} executor on {where} ({cluster.describe(capacity, reach)}); "
                   "inspect it with `RAY_AUTH_MODE=token ray status` (token authentication is on by default)")
-            note = fp32_note(space, capacity, local=started and not address)
-            if note:
-                print(f"fer-tune: note: {note}")
+            local = started and not address
+            for note in (fp32_note(space, capacity, local), cpu_budget_note(space, trials, subset, capacity, local)):
+                if note:
+                    print(f"fer-tune: note: {note}")
         cluster.check_fits(capacity, workers_per_trial, cpus_per_trial, gpus_per_trial, address)
         if local_dir is not None and not shared_path:
             cluster.check_local_storage(storage, capacity, gpus_per_trial)
@@ -339,6 +340,22 @@ def fp32_note(space: SearchSpace, capacity: dict[str, float], local: bool) -> st
         return None
     return ("this CPU has no native bf16, so trials train in fp32, 3-4x slower than on a CPU with AVX-512 bf16; "
             "size --subset and --max-epochs for that")
+
+
+# Epochs (trials x max_epochs) on all of train above which a search is GPU-sized: cpu.yaml's 16 x 12
+# on half of train took 17.5 min with bf16 here; cnn.yaml's 40 x 30 on all of it would take days.
+CPU_EPOCH_BUDGET = 400
+
+
+def cpu_budget_note(space: SearchSpace, trials: int, subset: float, capacity: dict[str, float],
+                    local: bool) -> str | None:
+    """A local search without GPUs whose budget is sized for a GPU cluster (cnn.yaml, timm.yaml): say so,
+    and name the CPU-sized search, before hours go by."""
+    if not local or capacity["GPU"] > 0 or trials * space.max_epochs * subset <= CPU_EPOCH_BUDGET:
+        return None
+    return (f"{trials} trials x up to {space.max_epochs} epochs on {subset:.0%} of train is sized for GPUs "
+            "(hours to days on this CPU); `--space cpu --subset 0.5 --executor direct` is the CPU-sized search, "
+            "or pass smaller --trials, --max-epochs and --subset")
 
 
 def make_sampler(seed: int, trials: int, kind: str = "tpe"):
