@@ -51,7 +51,7 @@ from fer_tune.train.checkpoint import load_checkpoint
 from fer_tune.train.config import TrainConfig, selection_sign
 from fer_tune.train.loop import TrainData, fit
 from fer_tune.train.report import RunFolderReporter
-from fer_tune.train.runtime import tta_description, tta_mode, tta_mode_described
+from fer_tune.train.runtime import applied_tta, tta_description, tta_mode_described
 
 DEFAULT_EPOCH_FACTOR = 2.0
 DEFAULT_SCREEN_BUDGET = 600.0  # seconds per screened config without --time-budget
@@ -117,7 +117,7 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
     if exp.final_dir.exists() and not force:
         raise UserError(f"{exp.final_dir} already exists; pass --force to replace it (it is replaced only when the "
                         "new retrain has finished)")
-    tta = None if tta_mode(tta) == "none" else tta_mode(tta)  # "flip" / "crops", or None
+    tta = applied_tta(tta)
     ranked = exp.ranked(screen or top_k or rank or 1)
     if rank:
         ranked = ranked[rank - 1:]

@@ -38,7 +38,7 @@ from fer_tune.train.checkpoint import load_checkpoint
 from fer_tune.train.config import TrainConfig, selection_sign
 from fer_tune.train.loop import TrainData, fit
 from fer_tune.train.report import RunFolderReporter
-from fer_tune.train.runtime import tta_description, tta_mode
+from fer_tune.train.runtime import applied_tta, tta_description
 
 STRATEGIES = ("full", "freeze-lower", "linear-probe", "joint")
 FREEZE = {"full": "none", "freeze-lower": "lower", "linear-probe": "backbone", "joint": "none"}
@@ -59,7 +59,7 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
     from fer_tune.data.prepared import atomic_dir
 
     t0 = time.time()
-    tta = None if tta_mode(tta) == "none" else tta_mode(tta)  # "flip" / "crops", or None
+    tta = applied_tta(tta)
     strategies = list(STRATEGIES) if strategy == "all" else [strategy]
     if strategy != "all" and strategy not in STRATEGIES:
         raise UserError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)} or all")

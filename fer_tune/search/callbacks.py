@@ -208,7 +208,7 @@ class CheckpointCleanup(Callback):
         checkpoint whose report the driver never took in, so the last snapshot names an older one,
         the one `--resume` restores."""
         time.sleep(wait_s)
-        self._sweep(finished_grace_s=0.0)
+        self._sweep(final=True)
 
     def _track(self, trial) -> None:
         if trial.trial_id not in self.folders:
@@ -217,20 +217,20 @@ class CheckpointCleanup(Callback):
                 folders.append(Path(self.train_runs) / trial.trial_id)
             self.folders[trial.trial_id] = folders
 
-    def _sweep(self, finished_grace_s: float | None = None) -> None:
+    def _sweep(self, final: bool = False) -> None:
+        """`final`: after the search's last snapshot, a trial Tune finished needs no grace."""
         import shutil
 
         now = self._last = time.time()
-        finished_grace_s = self.grace_s if finished_grace_s is None else finished_grace_s
         for trial_id, folders in self.folders.items():
-            finished = trial_id in self.done and now - self.done[trial_id] >= finished_grace_s
+            finished = trial_id in self.done and (final or now - self.done[trial_id] > self.grace_s)
             for folder in folders:
                 ckpts = sorted(p for p in folder.glob("checkpoint_*") if p.is_dir())
                 if not ckpts:
                     continue
                 if finished and not self.keep_finished:
                     doomed = ckpts
-                elif (finished and finished_grace_s == 0) or now - _mtime(ckpts[-1]) > self.grace_s:
+                elif (finished and final) or now - _mtime(ckpts[-1]) > self.grace_s:
                     doomed = ckpts[:-1]
                 else:
                     continue

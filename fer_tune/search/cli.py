@@ -118,8 +118,7 @@ def cmd_trials(args) -> None:
     if args.format == "table":
         order = f"best {metric} first"
         if sort and sort != metric:
-            base = sort[5:] if sort.startswith(("best_", "last_")) else sort
-            order = f"by {sort}, {'lowest' if results.lower_is_better(base) else 'highest'} first"
+            order = f"by {sort}, {'lowest' if results.sort_ascending(sort) else 'highest'} first"
         print(f"{exp}  ({len(df)} trials, {order})")
     print(text)
 

@@ -280,9 +280,7 @@ def format_table(df: pd.DataFrame, fmt: str = "table", *, sort: str | None = Non
         if col not in df.columns:
             metrics = sorted({c[5:] for c in df.columns if c.startswith("best_")})
             raise UserError(f"--sort {sort}: no such column; sort by one of {', '.join(metrics)} or a column name")
-        base = col[5:] if col.startswith(("best_", "last_")) else col
-        ascending = (mode == "min") if mode else lower_is_better(base)
-        df = df.sort_values(col, ascending=ascending, na_position="last", kind="stable")
+        df = df.sort_values(col, ascending=sort_ascending(col, mode), na_position="last", kind="stable")
     if top:
         df = df.head(top)
     if columns:
@@ -300,6 +298,13 @@ def format_table(df: pd.DataFrame, fmt: str = "table", *, sort: str | None = Non
         body = ["| " + " | ".join(str(v) for v in r) + " |" for r in shown.itertuples(index=False)]
         return "\n".join([head, rule, *body])
     return shown.to_string(index=False)
+
+
+def sort_ascending(column: str, mode: str | None = None) -> bool:
+    """Whether sorting by `column` (a metric, `best_`/`last_` + metric, or a hyperparameter) lists the
+    lowest first: the search's `mode` where given (its own metric), else by the metric's kind."""
+    base = column[5:] if column.startswith(("best_", "last_")) else column
+    return (mode == "min") if mode else lower_is_better(base)
 
 
 def _short(value: Any) -> str:

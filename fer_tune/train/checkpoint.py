@@ -32,14 +32,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
-    what = "a .pt file written by fer-tune train or retrain, such as results/train/<run>/best.pt"
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        what += "; the checkpoint comes before the images"
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a text file, a zip that is no torch file, a truncated file ...: torch raises all
         # sorts, and its message advises weights_only=False, which is not for a file from anywhere.
         objects = isinstance(exc, pickle.UnpicklingError) and "not an allowed global" in str(exc)
+        what = "a .pt file written by fer-tune train or retrain, such as results/train/<run>/best.pt"
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            what += "; the checkpoint comes before the images"
         detail = "it holds Python objects besides tensors and plain values, which fer-tune does not unpickle; " \
             if objects else ""
         raise UserError(f"{path}: not a readable fer-tune checkpoint ({detail}expected {what})") from None

@@ -71,6 +71,12 @@ def tta_mode(tta: bool | str | None) -> str:
     return tta
 
 
+def applied_tta(tta: bool | str | None) -> str | None:
+    """The TTA mode to apply, "flip" or "crops", or None for none (for code that asks `if tta`)."""
+    mode = tta_mode(tta)
+    return None if mode == "none" else mode
+
+
 def tta_description(tta: bool | str | None) -> str:
     """How a TTA mode is written in metrics.json and reports."""
     return {"none": "none", "flip": "horizontal flip",
