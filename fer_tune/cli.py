@@ -94,7 +94,7 @@ def cmd_train(args) -> None:
     if args.config:
         cfg = TrainConfig.from_yaml(args.config, overrides)
     else:
-        cfg = TrainConfig.from_dict(overrides, source="flags")
+        cfg = TrainConfig.from_dict(overrides, source="--set")  # the named flags are typed by argparse
     dataset = data.load(args.dataset, args.data_root)
     out = Path(args.out) if args.out else default_run_dir(args.results, cfg.model)
     print(f"training {cfg.model} on {dataset.name} -> {out}")
@@ -110,7 +110,7 @@ def cmd_train(args) -> None:
             shutil.rmtree(out, ignore_errors=True)
         raise
     best = result.best
-    print(f"done: {result.epochs_run} epochs ({result.stop_reason}); best epoch {best['epoch']}: "
+    print(f"done: {result.epochs_run} epoch{'s' * (result.epochs_run != 1)} ({result.stop_reason}); best epoch {best['epoch']}: "
           f"val_acc {best['val_acc']:.4f}, val_macro_f1 {best['val_macro_f1']:.4f}; checkpoint {out / 'best.pt'}")
 
 

@@ -43,7 +43,7 @@ def test_a_diverging_run_is_one_line_and_leaves_nothing(toy_prepared, tmp_path, 
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["train", "--set", "lerning_rate=1"], "flags: unknown key(s) lerning_rate; valid keys:"),
+    (["train", "--set", "lerning_rate=1"], "--set: unknown key(s) lerning_rate; valid keys:"),
     (["train", "--model", "resnet9000"], "resnet9000"),
     (["train", "--set", "model_kwargs.nosuch=3"], "nosuch"),
     (["train", "--dataset", "nope"], "no prepared dataset 'nope'"),

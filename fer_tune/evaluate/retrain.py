@@ -396,7 +396,7 @@ def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, storage, cloud, lo
                 (run.run_dir / rel).write_bytes(blob)
             results[spec.name] = run
             best = run.best.get(spec.config.select_metric)
-            log(f"done {spec.name}: {run.epochs_run} epochs, best {spec.config.select_metric} {best:.4f}")
+            log(f"done {spec.name}: {run.epochs_run} epoch{'s' * (run.epochs_run != 1)}, best {spec.config.select_metric} {best:.4f}")
         return [results[s.name] for s in specs]
     finally:
         if lines is not None:
