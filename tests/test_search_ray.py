@@ -141,7 +141,10 @@ def test_worker_error_names_the_workers_exception():
 # -- the CLI in a subprocess: SIGKILL and resume, Ctrl-C -----------------------------------------
 
 def cli(args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Without RAY_AUTH_MODE, as in a shell that never exported it: the test's instance runs with token
+    # authentication (Ray turns it on and writes ~/.ray/auth_token), as a `ray start` cluster does, and
+    # fer-tune must turn it on for its own connection (before any import of ray reads the mode).
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "fer_tune.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 

@@ -57,7 +57,7 @@ def _connect(ray, address, num_cpus, num_gpus, quiet) -> bool:
         # Clusters started with token authentication (Ray's default since 2.59) need the mode in
         # the environment of every process that connects (also for `ray status`).
         if "RAY_AUTH_MODE" not in os.environ and (TOKEN_FILE.is_file() or os.environ.get("RAY_AUTH_TOKEN")):
-            os.environ["RAY_AUTH_MODE"] = "token"
+            _enable_token_auth()
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -73,6 +73,17 @@ def _connect(ray, address, num_cpus, num_gpus, quiet) -> bool:
                         f"cluster), or let the other command finish (or `ray stop` it) and run again")
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     return True
+
+
+def _enable_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process and the ones it starts. Ray reads the mode into its
+    config when it is imported, so setting the variable alone came too late (every connection was
+    refused: "InvalidAuthToken: Authentication token is missing or incorrect"); the config is read
+    again as Ray's own ray.init does when it turns token authentication on for a new local instance."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 RAY_DAEMONS = ("gcs_server", "raylet")
