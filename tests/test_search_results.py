@@ -148,6 +148,10 @@ def test_search_flag_errors_are_one_line(capsys, tmp_path):
     assert main(["search", "--space", "smoke", "--dataset", "nosuch", "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nosuch" in err and "fer-tune data prepare" in err
+    (tmp_path / "afile").write_text("")
+    assert main(["search", "--space", "smoke", "--storage", str(tmp_path / "afile" / "sub")]) == 2  # before Ray starts
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{tmp_path / 'afile'} is a file, not a folder" in err
 
 
 def test_trials_importance_reads_the_optuna_journal(experiment, capsys):

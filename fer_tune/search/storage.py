@@ -39,6 +39,24 @@ def experiment_folder(storage: str, name: str) -> Path | None:
     return Path(normalize(storage)) / name
 
 
+def check_can_create(folder: Path, storage: str) -> None:
+    """One line, before Ray starts, when a local experiment folder cannot be made: a file on its
+    path (`--storage /etc/hostname`) or a folder this user may not write."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--storage {storage}: {existing} is a file, not a folder; pass a folder for the experiments")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--storage {storage}: cannot write in {existing}; pass a folder you can write to")
+
+
+def make_folder(folder: Path, storage: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # what check_can_create cannot see, e.g. /proc/nope as root
+        raise UserError(f"--storage {storage}: cannot create {folder} ({exc.strerror}); "
+                        "pass a folder you can write to") from None
+
+
 def remote_experiment(target: str | None, storage: str | Path) -> str | None:
     """The URI of an experiment in cloud storage (a URI itself, or a name under a URI --storage),
     None for a local one."""

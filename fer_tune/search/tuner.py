@@ -154,6 +154,8 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
         local_dir = experiment_folder(storage, name)
         if local_dir is not None and local_dir.exists() and any(local_dir.iterdir()):
             raise UserError(f"--name {name}: {local_dir} already exists; use --resume to continue it or another --name")
+        if local_dir is not None:
+            storage_mod.check_can_create(local_dir, storage)
     train_data, dataset_info = _resolve_data(data, subset, seed, data_root)
     if resume and record["dataset"].get("sha256") not in (None, dataset_info["sha256"]):
         raise UserError(f"--resume {name}: dataset {dataset_info['name']} changed since the search started "
@@ -188,7 +190,7 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
             print(f"fer-tune: warning: --concurrency {concurrency} > the {holds} trials this machine holds; "
                   "the extra trials' worker groups wait for CPUs", file=sys.stderr)
         work_dir = local_dir or local_cache(name)
-        work_dir.mkdir(parents=True, exist_ok=True)
+        storage_mod.make_folder(work_dir, storage)
         setup = TrialSetup(space=space, epochs=space.max_epochs, seed=seed, subset=subset, executor=executor,
                            workers=workers_per_trial, cpus_per_worker=cpus_per_trial, gpus_per_worker=gpus_per_trial,
                            train_storage=f"{storage.rstrip('/')}/{name}/train_runs", report_interval_s=report_interval_s,
