@@ -251,3 +251,23 @@ def test_the_resume_hint_names_the_storage_when_it_is_not_the_default(tmp_path, 
     assert hint(str(tmp_path / "results" / "x")).endswith("--resume --name x`")
     assert hint("/data/runs/x").endswith("--resume --name x --storage /data/runs`")
     assert hint("s3://bucket/fer/x").endswith("--resume --name x --storage s3://bucket/fer`")
+
+
+def test_a_search_whose_every_trial_failed_exits_1(monkeypatch, capsys, tmp_path):
+    """The summary is printed, then one error line with the first trial's error (not exit 0)."""
+    from fer_tune.search import tuner
+
+    table = pd.DataFrame({"trial_id": ["a1", "b2"], "status": ["failed", "failed"], "epochs": [0, 0],
+                          "best_val_acc": [None, None],
+                          "error": ["UserError: hidden must be a positive integer\nTraceback ...", "UserError: x"]})
+
+    def failed_search(*args, **kwargs):
+        return tuner.SearchSummary(name="bad", path=str(tmp_path / "bad"), table=table, metric="val_acc", mode="max",
+                                   max_epochs=2, seconds=3.0, counts={"failed": 2})
+
+    monkeypatch.setattr(tuner, "run_search", failed_search)
+    assert main(["search", "--space", "smoke"]) == 1
+    out, err = capsys.readouterr()
+    assert "2 trials: 0 completed, 0 stopped early, 2 failed" in out
+    assert err.strip() == (f"fer-tune: error: search bad: all 2 trials failed, the first with UserError: hidden must "
+                           f"be a positive integer (each trial's error: `fer-tune trials {tmp_path / 'bad'}`)")

@@ -96,6 +96,13 @@ def cmd_search(args) -> None:
     print(summary.text())
     if summary.interrupted:
         raise KeyboardInterrupt
+    if len(summary.table) and summary.best is None:  # every trial failed: exit 1, naming the first error
+        from fer_tune.errors import RunFailed, first_line
+
+        errors = [e for e in summary.table.get("error", []) if isinstance(e, str) and e]
+        raise RunFailed(f"search {summary.name}: all {len(summary.table)} trials failed"
+                        + (f", the first with {first_line(errors[0])}" if errors else "")
+                        + f" (each trial's error: `fer-tune trials {summary.path}`)")
 
 
 def cmd_trials(args) -> None:
