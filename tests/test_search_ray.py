@@ -126,6 +126,16 @@ def test_direct_executor_records_failed_trials_and_goes_on(ray_instance, tiny_da
     assert (table.loc[table.status == "failed", "failures"] == 2).all()  # tried, then retried once
     assert summary.counts["failed"] == (table.status == "failed").sum()
     assert "failed" in summary.text() and summary.best["trial_id"] in table.index
+    # The Optuna study: each trial under its Tune id; a finished trial's value is its best epoch's, as in the table.
+    import optuna
+    study = optuna.load_study(study_name="faults", storage=journal_storage(tmp_path / "faults" / "optuna.journal"))
+    told = {t.user_attrs["trial_id"]: t for t in study.trials}
+    assert set(told) == set(table.index)
+    for tid, row in table.iterrows():
+        assert told[tid].state.name == {"completed": "COMPLETE", "failed": "FAIL"}[row["status"]]
+        if row["status"] == "completed":
+            assert told[tid].value == pytest.approx(row["best_val_acc"])
+    assert study.best_trial.user_attrs["trial_id"] == summary.best["trial_id"]
 
 
 def test_worker_error_names_the_workers_exception():
@@ -218,6 +228,8 @@ def test_resume_after_sigkill_keeps_finished_trials(ray_instance, toy_prepared, 
     assert told.count("FAIL") <= 2
     assert sorted(s for s in told if s != "FAIL") == sorted(
         after["status"].map({"completed": "COMPLETE", "stopped early": "PRUNED"}))
+    complete = {t.user_attrs["trial_id"]: t.value for t in study.trials if t.state.name == "COMPLETE"}
+    assert complete == pytest.approx(after.loc[list(complete), "best_val_acc"].to_dict())  # best epoch, not last
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])

@@ -457,7 +457,12 @@ class JournalOptunaSearch(_searcher_class()):
     Optuna as PRUNED at the last epoch it reported, not as COMPLETE with that early score as Ray's
     OptunaSearch does. TPE then ranks it below every trial that ran the whole budget, and stopped
     trials among themselves by how far ASHA let them go, then by score: the order ASHA judged them
-    in, where COMPLETE would rank a 2-epoch score against 12-epoch ones."""
+    in, where COMPLETE would rank a 2-epoch score against 12-epoch ones.
+
+    A trial that ran its whole budget is told its best epoch's value (Ray tells its last), the
+    value the trial table ranks by and retrain selects its checkpoint on, so `study.best_trial` is
+    the table's best finished trial. Every Optuna trial carries its Tune trial id as the user
+    attribute `trial_id`, to find its row in the table."""
 
     def __init__(self, *args, journal: str, max_epochs: int | None = None, **kwargs):
         import warnings
@@ -483,6 +488,12 @@ class JournalOptunaSearch(_searcher_class()):
         super()._suggest_from_define_by_run_func(run, ot_trial)
         return dict(returned)
 
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("trial_id", trial_id)
+        return config
+
     def on_trial_result(self, trial_id: str, result: dict):
         # A trial that finished just before the driver was killed is still running in Tune's last
         # snapshot: on --resume it replays its end, but Optuna was already told (reporting to a
@@ -506,7 +517,14 @@ class JournalOptunaSearch(_searcher_class()):
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
             self._completed_trials.add(trial_id)
             return
+        if not error and result and result.get(self.metric) is not None and trial_id in self._ot_trials:
+            result = {**result, self.metric: self._best_value(trial_id, result[self.metric])}
         super().on_trial_complete(trial_id, result, error)
+
+    def _best_value(self, trial_id: str, last: float) -> float:
+        reported = self._ot_study._storage.get_trial(self._ot_trials[trial_id]._trial_id).intermediate_values
+        values = [v for v in (*reported.values(), last) if v is not None and not math.isnan(v)]
+        return (max if self.mode == "max" else min)(values) if values else last
 
     def _stopped_early(self, result: dict | None) -> bool:
         epoch = (result or {}).get("epoch")
