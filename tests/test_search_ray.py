@@ -87,8 +87,9 @@ def test_train_executor_asha_search_frees_every_placement_group(ray_instance, ti
     assert {n for t in study.trials for n in t.params} <= {"optimizer", "momentum", "lr[optimizer=adamw]",
                                                              "lr[optimizer=sgd]"}
     state = {"completed": optuna.trial.TrialState.COMPLETE, "stopped early": optuna.trial.TrialState.PRUNED}
-    told = sorted((t.state.name, round(t.value, 6)) for t in study.trials)
-    assert told == sorted((state[r.status].name, round(r.last_val_acc, 6)) for r in table.itertuples())
+    told = sorted((t.state.name, round(t.value, 6)) for t in study.trials)  # ran the budget: its best epoch's value
+    assert told == sorted((state[r.status].name, round(r.best_val_acc if r.status == "completed" else r.last_val_acc, 6))
+                          for r in table.itertuples())
     pruned_at = sorted(t.last_step for t in study.trials if t.state == optuna.trial.TrialState.PRUNED)
     assert pruned_at == sorted(table.loc[table.status == "stopped early", "epochs"])
 
@@ -96,7 +97,20 @@ def test_train_executor_asha_search_frees_every_placement_group(ray_instance, ti
     acc = EventAccumulator(str(Path(table.loc[0, "trial_dir"])), size_guidance={"tensors": 0})
     acc.Reload()
     assert {"val_acc", "train_loss", "val_macro_f1"} <= set(acc.Tags()["scalars"])
-    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
+    # HParams: each trial's session without an experiment summary, so that TensorBoard lists the union of
+    # the trials' hyperparameters (momentum is an SGD trial's only)
+    from tensorboard.plugins.hparams import metadata as hparams_metadata
+    names = {}
+    for trial_dir, optimizer in zip(table["trial_dir"], table["optimizer"]):
+        acc = EventAccumulator(trial_dir, size_guidance={"tensors": 0})
+        acc.Reload()
+        content = acc.PluginTagToContent("hparams")
+        assert "_hparams_/experiment" not in content and "_hparams_/session_end_info" in content
+        session = hparams_metadata.parse_session_start_info_plugin_data(content["_hparams_/session_start_info"])
+        assert ("momentum" in session.hparams) == (optimizer == "sgd")
+        names.update(session.hparams)
+    assert {"optimizer", "lr", "batch_size"} <= set(names) and ("momentum" in names) == (table.optimizer == "sgd").any()
+    assert names["channels_last"].string_value == "false"  # a bool as its text, not torch's number 0.0
 
 
 def test_direct_executor_records_failed_trials_and_goes_on(ray_instance, tiny_data, tmp_path):

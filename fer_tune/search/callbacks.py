@@ -246,8 +246,11 @@ def _mtime(path: Path) -> float:
 
 
 def write_hparams(writer, config: dict, trial, metric: str) -> None:
-    """The HParams plugin's three summaries in the trial's own run (torch's add_hparams would
-    start a new run folder per call)."""
+    """The HParams plugin's session summaries in the trial's own run (torch's add_hparams would
+    start a new run folder per call). No experiment summary: TensorBoard shows the first one it
+    finds, which lists only its own trial's hyperparameters (conditional ones such as momentum,
+    for SGD trials only, went missing); without one it lists every hyperparameter any trial has,
+    and every scalar as a metric."""
     from torch.utils.tensorboard.summary import hparams
 
     lower = results.lower_is_better(metric)
@@ -261,13 +264,15 @@ def write_hparams(writer, config: dict, trial, metric: str) -> None:
     last = (trial.last_result or {}).get("val_acc")
     if last is not None:
         metrics["val_acc"] = float(last)
-    exp, ssi, sei = hparams(values, metrics)
-    for summary in (exp, ssi, sei):
+    _, ssi, sei = hparams(values, metrics)
+    for summary in (ssi, sei):
         writer.file_writer.add_summary(summary)
     writer.flush()
 
 
 def _hparam(value):
-    if isinstance(value, (bool, int, float, str)):
+    if isinstance(value, bool):  # torch's hparams() would store it as the number 1.0 or 0.0
+        return str(value).lower()
+    if isinstance(value, (int, float, str)):
         return value
     return str(value)
