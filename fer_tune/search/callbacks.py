@@ -38,6 +38,8 @@ class TablesCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started_at[trial.trial_id] = time.time()
         self.trials = trials
+        if self.frame is None:  # a table from the first trial on, before any trial has reported
+            self.write(trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.trials = trials

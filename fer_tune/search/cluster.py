@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -103,14 +104,21 @@ def ray_processes(proc: Path = Path("/proc")) -> list[tuple[str, int]]:
     is no /proc to read (then nothing is checked)."""
     found = []
     for stat in proc.glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()  # "pid (name) state ..."
-        except OSError:  # the process ended while we looked
-            continue
-        name, _, rest = text[text.find("(") + 1:].rpartition(")")
-        if name in RAY_DAEMONS and rest.split()[:1] not in (["Z"], ["X"]):  # an exited, unreaped one is no instance
+        name = _running(stat)
+        if name in RAY_DAEMONS:
             found.append((name, int(stat.parent.name)))
     return sorted(found, key=lambda item: (RAY_DAEMONS.index(item[0]), item[1]))
+
+
+def _running(stat: Path) -> str | None:
+    """The name of the process of a /proc/PID/stat file, None when it has ended (an exited,
+    unreaped process, state Z or X, counts as ended)."""
+    try:
+        text = stat.read_text()  # "pid (name) state ..."
+    except OSError:  # the process ended while we looked
+        return None
+    name, _, rest = text[text.find("(") + 1:].rpartition(")")
+    return None if rest.split()[:1] in (["Z"], ["X"]) else name
 
 
 def shutdown(started: bool) -> None:
@@ -285,3 +293,33 @@ def env(**values: str):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextmanager
+def exit_if_the_instance_ends(daemons: list[tuple[str, int]], on_lost, poll_s: float = 0.5):
+    """A SIGTERM to the whole process group or cgroup (Slurm, systemd, `kill -- -PGID`) also ends
+    the daemons of the local Ray instance this driver started. The driver is then blocked inside
+    Ray's client, where no Python signal handler runs, until Ray ends the process 60 s later
+    ("Failed to connect to GCS within 60 seconds") without writing anything. So a thread watches
+    `daemons` (from `ray_processes()` right after the start): when one has ended, it calls `on_lost`
+    (which writes what the driver knows) and exits 130 at once."""
+    if not daemons:
+        yield
+        return
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(poll_s):
+            if any(_running(Path(f"/proc/{pid}/stat")) is None for _, pid in daemons) and not done.is_set():
+                on_lost()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
+
+    watcher = threading.Thread(target=watch, name="fer-tune-ray-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join(timeout=5)

@@ -88,11 +88,15 @@ class SearchSummary:
 
     @property
     def storage_flag(self) -> str:
-        """` --storage PARENT` where the experiment is not under the default ./results."""
-        parent = self.path.rsplit("/", 1)[0] if "/" in self.path else "."
-        if "://" not in parent and Path(parent).resolve() == Path("results").resolve():
-            return ""
-        return f" --storage {parent}"
+        return storage_flag(self.path)
+
+
+def storage_flag(path: str) -> str:
+    """` --storage PARENT` for an experiment at `path`, where it is not under the default ./results."""
+    parent = path.rsplit("/", 1)[0] if "/" in path else "."
+    if "://" not in parent and Path(parent).resolve() == Path("results").resolve():
+        return ""
+    return f" --storage {parent}"
 
 
 def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int | None = None,
@@ -165,6 +169,8 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
     from fer_tune.search import cluster
 
     started = cluster.connect(address, num_cpus=num_cpus, quiet=True)
+    # the daemons of the instance this command started (a refused second instance means there are no others)
+    own_daemons = cluster.ray_processes() if started and not address and not os.environ.get("RAY_ADDRESS") else []
     try:
         if started and not cluster.check_state_api():
             print("fer-tune: warning: the Ray dashboard's State API does not answer; Ray Train may leak the "
@@ -215,7 +221,9 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
         with cluster.env(TUNE_GLOBAL_CHECKPOINT_S=os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SNAPSHOT_S),
                          TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0",
                          TUNE_MAX_PENDING_TRIALS_PG=str(concurrency)), \
-                (snapshot.kept(local_dir) if local_dir is not None else contextlib.nullcontext()):
+                (snapshot.kept(local_dir) if local_dir is not None else contextlib.nullcontext()), \
+                cluster.exit_if_the_instance_ends(own_daemons, lambda: _lost_ray(tables, work_dir, name,
+                                                                                            local_dir, storage)):
             grid = tuner.fit()
         for callback in _callbacks(tuner):
             if isinstance(callback, CheckpointCleanup):
@@ -650,6 +658,20 @@ def git_commit() -> str | None:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
                            text=True, timeout=5).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _lost_ray(tables: TablesCallback, work_dir: Path, name: str, local_dir: Path | None, storage: str) -> None:
+    """The local Ray instance ended under the search (a signal to the whole process group): write the
+    tables from what the driver knows (trials then running stay `running`) and say how to continue."""
+    try:
+        tables.write(tables.trials)
+        record = yaml.safe_load((work_dir / "search.yaml").read_text())
+        _write_yaml(work_dir / "search.yaml", {**record, "status": "interrupted"})
+    except Exception as exc:  # nothing more can be saved; say so and still leave
+        print(f"fer-tune: could not write the tables ({exc})", file=sys.stderr)
+    flag = storage_flag(str(local_dir) if local_dir else f"{storage}/{name}")
+    print(f"fer-tune: interrupted: this search's Ray instance ended (its processes were stopped, e.g. by a signal "
+          f"to the whole process group); continue with `fer-tune search --resume --name {name}{flag}`", file=sys.stderr)
 
 
 def _write_yaml(path: Path, payload: dict, keep_from: Path | None = None) -> None:

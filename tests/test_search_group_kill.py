@@ -1,0 +1,55 @@
+"""SIGTERM to the whole process group of a search that started its own Ray instance (what Slurm,
+systemd and `kill -- -PGID` do): Ray's daemons end with the driver. The command must still leave its
+tables and a resume hint, promptly, and `--resume` must finish the search.
+
+Its own module: the search starts a local Ray instance, which the other Ray modules' shared
+instance would refuse.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from fer_tune.search import cluster
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_group_sigterm_leaves_tables_and_a_resume_hint(toy_prepared, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "fer_tune.cli", "search", "--space", "smoke", "--data-root", str(toy_prepared),
+            "--subset", "0.5", "-n", "6", "--max-epochs", "3", "--executor", "direct", "--quiet",
+            "--storage", str(tmp_path), "--name", "group", "--num-cpus", "2"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as under a job scheduler
+    table_path = tmp_path / "group" / "trials.csv"
+    deadline = time.monotonic() + 120
+    while not (table_path.is_file() and (pd.read_csv(table_path)["epochs"] > 0).any()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.3)
+    daemons = cluster.ray_processes()
+    assert daemons  # the search's own instance
+    os.killpg(proc.pid, signal.SIGTERM)
+    t0 = time.monotonic()
+    out, _ = proc.communicate(timeout=90)
+    waited = time.monotonic() - t0
+    assert proc.returncode == 130, out
+    assert waited < 30, waited  # not Ray's 60 s wait for its dead GCS
+    assert out.strip().splitlines()[-1].endswith(f"continue with `fer-tune search --resume --name group "
+                                                 f"--storage {tmp_path}`"), out
+    table = pd.read_csv(table_path)
+    assert len(table) >= 1 and (table["epochs"] > 0).any()
+    assert yaml.safe_load((tmp_path / "group" / "search.yaml").read_text())["status"] == "interrupted"
+    assert not cluster.other_ray_instance()  # the daemons are gone (waits for them to settle)
+
+    resumed = subprocess.run(args + ["--resume"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout
+    after = pd.read_csv(table_path)
+    assert len(after) == 6 and set(after["status"]) <= {"completed", "stopped early"}
