@@ -211,6 +211,10 @@ def test_unknown_space_name_lists_the_available_ones(tmp_path):
     bad.write_text("lr: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_space(str(bad))
+    twice = tmp_path / "twice.yaml"  # YAML itself would keep the second and drop the search range
+    twice.write_text("max_epochs: 2\ndropout: {uniform: [0.1, 0.3]}\nlr: 0.01\ndropout: 0.1\n")
+    with pytest.raises(UserError, match=r"twice.yaml: key 'dropout' is given twice \(lines 2 and 4\); keep one"):
+        load_space(str(twice))
     good = tmp_path / "mine.yaml"
     good.write_text("max_epochs: 2\ngrace_period: 1\nmodel: simple_cnn\nlr: {loguniform: [1.0e-3, 1.0e-2]}\n")
     assert load_space(str(good)).name == "mine"

@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from fer_tune.errors import UserError
-from fer_tune.train.config import CLASS_WEIGHTS, MODEL_KW, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+from fer_tune.train.config import CLASS_WEIGHTS, MODEL_KW, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig, read_user_yaml
 from fer_tune.train.report import METRIC_NAMES
 
 # search_spaces/ of the repository (a clone, an editable install); an installed wheel carries the
@@ -282,11 +282,7 @@ def space_path(name_or_path: str | Path, directory: Path = SPACES_DIR) -> Path:
 
 def load_space(name_or_path: str | Path, directory: Path = SPACES_DIR) -> SearchSpace:
     path = space_path(name_or_path, directory)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_space(raw, name=path.stem, source=str(path))
+    return parse_space(read_user_yaml(path), name=path.stem, source=str(path))
 
 
 def space_from_record(saved: dict, source: str = "") -> SearchSpace:

@@ -23,6 +23,32 @@ FREEZE = ("none", "lower", "backbone")
 METRICS = ("val_acc", "val_macro_f1", "val_loss")
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (YAML keeps the last one
+    without a word, so an earlier search range or value would silently not apply)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise UserError(f"key {key!r} is given twice (lines {lines[key]} and {line}); keep one")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_user_yaml(path: Path) -> Any:
+    """A YAML file a user wrote (a config, a search space): invalid YAML or a repeated key is one
+    line naming the file."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeys)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
 def selection_sign(metric: str) -> float:
     """+1 when a larger value of the selection metric is better, -1 when smaller is (val_loss):
     how every run's best epoch, and every choice between runs, is made."""
@@ -125,10 +151,7 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: config file not found")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        values = read_user_yaml(path) or {}
         if not isinstance(values, dict):
             raise UserError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
         values.update(overrides or {})
