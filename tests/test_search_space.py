@@ -172,6 +172,8 @@ def test_budget_metric_and_mode():
 
 @pytest.mark.parametrize("raw, message", [
     ({"model": {"choice": ["simple_cnn", "resnet_imaginary"]}}, r"unknown model 'resnet_imaginary'.*choose from mlp, mlp_bn, simple_cnn"),
+    ({"model": {"choice": ["simple_cnn", "mlpp"]}, "model_kwargs.hidden": {"value": [64], "when": {"model": "mlp"}}},
+     r"model: unknown model 'mlpp' \(did you mean 'mlp'\?\)"),  # not "when: model can never be 'mlp'"
     ({"model": "simple_cnnn"}, r"did you mean 'simple_cnn'"),
     ({"optimizer": {"choice": ["adamw", "lion"]}}, r"unknown optimizer 'lion'; valid: adam, adamw, sgd, rmsprop, adagrad"),
     ({"class_weights": {"choice": ["none", "balanced"]}}, r"unknown class weights 'balanced'; valid: none, inverse, sqrt_inverse, effective"),

@@ -315,6 +315,8 @@ def parse_space(raw: Any, name: str = "space", source: str = "") -> SearchSpace:
             raise UserError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(valid_keys)}, "
                             f"model_kwargs.<arg>, {', '.join(META_KEYS)}")
         space.params[key] = _parse_param(key, spec, space.params, where)
+        if key == "model":  # now: a misspelt model is reported as such, not by a later key's `when: {model: ...}`
+            _check_values(space.params[key], space, where)
     if "model" not in space.params:
         space.params = {"model": Param("model", "value", TrainConfig.model), **space.params}
     for param in space.params.values():
