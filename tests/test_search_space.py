@@ -175,6 +175,8 @@ def test_budget_metric_and_mode():
     ({"model": {"choice": ["simple_cnn", "mlpp"]}, "model_kwargs.hidden": {"value": [64], "when": {"model": "mlp"}}},
      r"model: unknown model 'mlpp' \(did you mean 'mlp'\?\)"),  # not "when: model can never be 'mlp'"
     ({"model": "simple_cnnn"}, r"did you mean 'simple_cnn'"),
+    ({"weight_decay": "1e-4"}, r"weight_decay: '1e-4' is text, not a number \(write floats with a dot: 1.0e-4"),
+    ({"dropout": {"choice": [0.1, "2e-1"]}}, r"dropout: '2e-1' is text, not a number"),
     ({"optimizer": {"choice": ["adamw", "lion"]}}, r"unknown optimizer 'lion'; valid: adam, adamw, sgd, rmsprop, adagrad"),
     ({"class_weights": {"choice": ["none", "balanced"]}}, r"unknown class weights 'balanced'; valid: none, inverse, sqrt_inverse, effective"),
     ({"schedule": "step"}, r"unknown schedule 'step'; valid: cosine, onecycle, plateau, constant"),

@@ -478,7 +478,12 @@ def _check_values(param: Param, space: SearchSpace, where: str) -> None:
                     weights_file(value)
                 except UserError as exc:
                     raise UserError(f"{where}: pretrained: {exc}") from None
+    default = next((f.default for f in dataclasses.fields(TrainConfig) if f.name == name), None)
     for value in param.candidates():
+        if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            # the trial would coerce it, but the tables and records would show the text
+            raise UserError(f"{where}: {name}: {value!r} is text, not a number (write floats with a dot: 1.0e-4; "
+                            "YAML reads 1e-4 as text)")
         try:
             TrainConfig.from_dict({name: value, "model_kwargs": {}}, source=where)
         except UserError as exc:
