@@ -125,6 +125,13 @@ def test_trials_command_sort_default_latest_and_errors(experiment, capsys, monke
     assert main(["trials", "--sort", "val_loss"]) == 0
     head, _, first = capsys.readouterr().out.splitlines()[:3]
     assert head.endswith("(4 trials, by val_loss, lowest first)") and first.split()[0] == "t2"
+    record = experiment / "search.yaml"
+    record.write_text(yaml.safe_dump({**yaml.safe_load(record.read_text()), "status": "running"}))
+    assert main(["trials"]) == 0  # a search that did not finish (or is running): its table may be stale
+    assert capsys.readouterr().out.splitlines()[0].endswith(
+        "(4 trials, best val_acc first; the search is running, or was killed: statuses as of the table's last refresh)")
+    assert main(["trials", "--top", "0"]) == 2
+    assert "--top 0: must be >= 1" in capsys.readouterr().err
     assert main(["trials", "smoke-1", "--sort", "no_such_metric"]) == 2
     assert "--sort no_such_metric: no such column" in capsys.readouterr().err
     assert main(["trials", "nope"]) == 2

@@ -118,7 +118,7 @@ def cmd_trials(args) -> None:
     mode = meta.get("mode", "max")
     columns = None if args.all_columns else results.key_columns(df, meta.get("params", []), metric)
     sort = args.sort
-    if args.top and args.top < 1:
+    if args.top is not None and args.top < 1:
         raise UserError(f"--top {args.top}: must be >= 1")
     text = results.format_table(df, args.format, sort=sort, mode=mode if not sort or sort == metric else None,
                                 top=args.top, columns=columns)
@@ -126,7 +126,10 @@ def cmd_trials(args) -> None:
         order = f"best {metric} first"
         if sort and sort != metric:
             order = f"by {sort}, {'lowest' if results.sort_ascending(sort) else 'highest'} first"
-        print(f"{exp}  ({len(df)} trials, {order})")
+        state = meta.get("status")
+        note = "" if state in (None, "finished") else \
+            f"; the search is {state}, or was killed: statuses as of the table's last refresh"
+        print(f"{exp}  ({len(df)} trials, {order}{note})")
     print(text)
 
 
@@ -192,7 +195,7 @@ def _sampled(spec) -> bool:
 
 
 def _search_meta(exp: Path) -> dict:
-    """metric, mode and searched parameter names from search.yaml."""
+    """metric, mode, searched parameter names and status (running / interrupted / finished) from search.yaml."""
     path = Path(exp) / "search.yaml"
     if not path.is_file():
         return {}
@@ -203,5 +206,5 @@ def _search_meta(exp: Path) -> dict:
     space = record.get("space", {})
     params = [k for k, v in (space.get("params") or {}).items() if _sampled(v)]
     return {"metric": space.get("metric", "val_acc"), "mode": space.get("mode", "max"), "params": params,
-            "name": record.get("name")}
+            "name": record.get("name"), "status": record.get("status")}
 
