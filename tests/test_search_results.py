@@ -278,3 +278,27 @@ def test_a_search_whose_every_trial_failed_exits_1(monkeypatch, capsys, tmp_path
     assert "2 trials: 0 completed, 0 stopped early, 2 failed" in out
     assert err.strip() == (f"fer-tune: error: search bad: all 2 trials failed, the first with UserError: hidden must "
                            f"be a positive integer (each trial's error: `fer-tune trials {tmp_path / 'bad'}`)")
+
+
+def test_resume_names_the_flags_it_ignores(monkeypatch, capsys, tmp_path):
+    """--resume continues a search as it was started: flags that define a search are named as ignored."""
+    from fer_tune.search import tuner
+
+    seen = {}
+
+    def resumed(space, data, **kwargs):
+        seen.update(space=space, **kwargs)
+        return tuner.SearchSummary(name="s", path=str(tmp_path / "s"), table=pd.DataFrame(
+            {"trial_id": ["a"], "status": ["completed"], "epochs": [2], "best_val_acc": [0.5], "error": [""]}),
+            metric="val_acc", mode="max", max_epochs=2, seconds=1.0, counts={"completed": 1},
+            best={"trial_id": "a", "best_val_acc": 0.5, "epochs": 2})
+
+    monkeypatch.setattr(tuner, "run_search", resumed)
+    assert main(["search", "--resume", "--name", "s", "-n", "8", "--space", "cnn", "--dataset", "rafdb",
+                 "--no-early-stopping", "--max-failures", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.strip() == ("fer-tune: note: --resume continues the search as it was started; ignored: --space cnn, "
+                           "--trials 8, --dataset rafdb, --no-early-stopping")  # --max-failures applies to the rest
+    assert seen["resume"] and seen["space"] is None and seen["max_failures"] == 2
+    assert main(["search", "--resume", "--name", "s"]) == 0
+    assert capsys.readouterr().err == ""
