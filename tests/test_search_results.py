@@ -171,11 +171,15 @@ def test_trials_importance_reads_the_optuna_journal(experiment, capsys):
     study = optuna.create_study(study_name="smoke-1", direction="maximize",
                                 storage=journal_storage(experiment / "optuna.journal"),
                                 sampler=optuna.samplers.RandomSampler(seed=0))
-    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True) * 10
-                   + 0.001 * (t.suggest_categorical("optimizer", ["adamw", "sgd"]) == "sgd"), n_trials=12)
+    objective = (lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True) * 10
+                 + 0.001 * (t.suggest_categorical("optimizer", ["adamw", "sgd"]) == "sgd"))
+    study.optimize(objective, n_trials=3)
+    assert main(["trials", str(experiment), "--importance"]) == 0
+    assert "from so few trials the figures are rough" in capsys.readouterr().out.splitlines()[0]
+    study.optimize(objective, n_trials=9)
     assert main(["trials", str(experiment), "--importance"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("12 completed trials") and lines[1].split()[0] == "lr"
+    assert lines[0].startswith("12 completed trials") and lines[1].split()[0] == "lr" and "rough" not in lines[0]
     assert {line.split()[0] for line in lines[1:]} == {"lr", "optimizer"}
 
 

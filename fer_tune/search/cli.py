@@ -145,6 +145,9 @@ def cmd_trials(args) -> None:
     print(text)
 
 
+FEW_FOR_IMPORTANCE = 10  # fANOVA's forest on fewer complete trials ranks little but noise
+
+
 def importances(exp: Path) -> str:
     """optuna.importance over the trials of the experiment's study (optuna.journal) that ran the whole
     budget: Optuna leaves out the PRUNED ones (stopped early by ASHA), whose scores are at fewer epochs."""
@@ -169,7 +172,8 @@ def importances(exp: Path) -> str:
         ranked = optuna.importance.get_param_importances(study)
     width = max(len(k) for k in ranked)
     lines = [f"{len(done)} completed trials (full budget), importance of each hyperparameter for "
-             f"{study.direction.name.lower()} {_search_meta(exp).get('metric', 'val_acc')} (fANOVA; sums to 1):"]
+             f"{study.direction.name.lower()} {_search_meta(exp).get('metric', 'val_acc')} (fANOVA; sums to 1"
+             + ("; from so few trials the figures are rough" if len(done) < FEW_FOR_IMPORTANCE else "") + "):"]
     lines += [f"  {k:<{width}}  {v:.3f}" for k, v in ranked.items()]
     return "\n".join(lines)
 
