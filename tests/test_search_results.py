@@ -123,8 +123,9 @@ def test_trials_command_sort_default_latest_and_errors(experiment, capsys, monke
     ids = [line.split(",")[0] for line in capsys.readouterr().out.strip().splitlines()[1:]]
     assert ids[0] == "t2"  # one epoch: lowest best val_loss in the stand-ins
     assert main(["trials", "--sort", "val_loss"]) == 0
-    head, _, first = capsys.readouterr().out.splitlines()[:3]
+    head, header, first = capsys.readouterr().out.splitlines()[:3]
     assert head.endswith("(4 trials, by val_loss, lowest first)") and first.split()[0] == "t2"
+    assert header.split()[:6] == ["trial_id", "status", "epochs", "best_val_acc", "last_val_acc", "best_val_loss"]
     record = experiment / "search.yaml"
     record.write_text(yaml.safe_dump({**yaml.safe_load(record.read_text()), "status": "running"}))
     assert main(["trials"]) == 0  # a search that did not finish (or is running): its table may be stale

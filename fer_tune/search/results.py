@@ -284,7 +284,10 @@ def format_table(df: pd.DataFrame, fmt: str = "table", *, sort: str | None = Non
     if top:
         df = df.head(top)
     if columns:
-        df = df[[c for c in columns if c in df.columns]]
+        shown = [c for c in columns if c in df.columns]
+        if sort and col not in shown:  # the column the rows are ordered by, after the metric's
+            shown.insert(min(5, len(shown)), col)
+        df = df[shown]
     df = df.reset_index(drop=True)
     if fmt == "csv":
         return df.to_csv(index=False).rstrip("\n")
