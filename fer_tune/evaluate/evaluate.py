@@ -283,4 +283,5 @@ def read_image_folder(path: Path, *, split: str = "test", img_size: int = 48, rg
         pixels, _ = decode_images(source, picked, img_size, rgb)
     where = f"{path}" + (f" {split}" if split_level else "")
     return EvalData(pixels, labels, classes, None, name=where,
-                    notes=["a raw image folder has no train split: no train_copy scores"])
+                    notes=["no train_copy scores for a raw image folder (they need a prepared dataset's record of "
+                           "which test images have a copy in train)"])
