@@ -131,6 +131,8 @@ def test_trials_command_sort_default_latest_and_errors(experiment, capsys, monke
     assert main(["trials"]) == 0  # a search that did not finish (or is running): its table may be stale
     assert capsys.readouterr().out.splitlines()[0].endswith(
         "(4 trials, best val_acc first; the search is running, or was killed: statuses as of the table's last refresh)")
+    assert main(["trials", f"file://{experiment}", "--format", "csv"]) == 0  # as --storage file://... is written
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 4
     assert main(["trials", "--top", "0"]) == 2
     assert "--top 0: must be >= 1" in capsys.readouterr().err
     assert main(["trials", "smoke-1", "--sort", "no_such_metric"]) == 2

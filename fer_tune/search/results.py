@@ -221,6 +221,7 @@ def find_experiment(target: str | None, storage: str | Path = "results") -> Path
         return storage_mod.fetch(uri)
     root = Path(str(storage).removeprefix("file://"))
     if target:
+        target = target.removeprefix("file://")
         for candidate in (Path(target), root / target):
             if (candidate / "trials.csv").is_file() or (candidate / "search.yaml").is_file():
                 return candidate
