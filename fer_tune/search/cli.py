@@ -13,7 +13,7 @@ from fer_tune.errors import UserError
 
 
 # What a search is: --resume continues it as it was started, whatever these flags say.
-KEPT_ON_RESUME = ("space", "trials", "max_epochs", "grace_period", "reduction_factor", "promotion_window", "metric",
+SEARCH_FLAGS = ("space", "trials", "max_epochs", "grace_period", "reduction_factor", "promotion_window", "metric",
                   "mode", "dataset", "subset", "executor", "workers_per_trial", "cpus_per_trial", "gpus_per_trial",
                   "seed", "sampler", "no_early_stopping")
 
@@ -59,7 +59,7 @@ def add_commands(sub, data_root_flag) -> None:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep finished trials' checkpoints")
     p.add_argument("--quiet", action="store_true", help="no live table")
     data_root_flag(p)
-    p.set_defaults(func=cmd_search, resume_ignores={key: p.get_default(key) for key in KEPT_ON_RESUME})
+    p.set_defaults(func=cmd_search, search_defaults={key: p.get_default(key) for key in SEARCH_FLAGS})
 
     p = sub.add_parser("trials", help="the trial table of a search, best first")
     p.add_argument("experiment", nargs="?", help="experiment name under --storage or a folder (default: latest)")
@@ -88,14 +88,9 @@ def cmd_search(args) -> None:
         from fer_tune.search.space import list_spaces
 
         raise UserError(f"search: --space is required (one of {', '.join(list_spaces())}, or a .yaml path)")
-    if args.resume:
-        ignored = [f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}")
-                   for key, default in args.resume_ignores.items() if (value := getattr(args, key)) != default]
-        if ignored:
-            print(f"fer-tune: note: --resume continues the search as it was started; ignored: {', '.join(ignored)}",
-                  file=sys.stderr)
+    given = {key: value for key, default in args.search_defaults.items() if (value := getattr(args, key)) != default}
     space = load_space(args.space) if args.space and not args.resume else None  # errors before Ray starts
-    flags = {k: v for k, v in vars(args).items() if k not in ("func", "resume_ignores")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "search_defaults")}
     summary = run_search(
         space, args.dataset, trials=args.trials, max_epochs=args.max_epochs, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, promotion_window=args.promotion_window, metric=args.metric,
@@ -104,7 +99,8 @@ def cmd_search(args) -> None:
         gpus_per_trial=args.gpus_per_trial, concurrency=args.concurrency, seed=args.seed, resume=args.resume,
         retry_failed=args.retry_failed, max_failures=args.max_failures, data_root=args.data_root,
         num_cpus=args.num_cpus, progress=not args.quiet, sampler=args.sampler,
-        early_stopping=not args.no_early_stopping, keep_checkpoints=args.keep_checkpoints, flags={"argv": sys.argv[1:], "dataset": flags["dataset"]})
+        early_stopping=not args.no_early_stopping, keep_checkpoints=args.keep_checkpoints,
+        flags={"argv": sys.argv[1:], "dataset": flags["dataset"]}, resume_flags=given if args.resume else None)
     print(summary.text())
     if summary.interrupted:
         raise KeyboardInterrupt

@@ -110,7 +110,7 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
                num_cpus: int | None = None, progress: bool = True, report_interval_s: float = 0.5,
                table_refresh_s: float = 10.0, checkpoint_every: int = 1, sampler: str = "tpe",
                early_stopping: bool = True, keep_checkpoints: bool = False,
-               flags: dict | None = None) -> SearchSummary:
+               flags: dict | None = None, resume_flags: dict | None = None) -> SearchSummary:
     """Run (or with `resume=True` continue) a search and return its summary.
 
     Resources are per worker: a trial has `workers_per_trial` workers of `cpus_per_trial` CPUs and
@@ -118,7 +118,8 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
     cluster holds. `address`: None starts a local Ray instance (with `num_cpus`), "auto" or
     "ray://..." joins a cluster. `sampler="random"` and `early_stopping=False` (no ASHA) are the
     baselines of benchmarks/search_efficiency.py. A trial's checkpoints are deleted when it
-    finishes unless `keep_checkpoints`.
+    finishes unless `keep_checkpoints`. `resume_flags`: the flags a user gave with `resume=True`;
+    those that say otherwise than the search was started with are named as ignored.
     """
     t_start = time.time()
     if sampler not in SAMPLERS:
@@ -141,6 +142,10 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
                 raise UserError(f"--resume: {local_dir / broken[0]} is cut short (the search was killed while Ray "
                                 "Tune saved it) and no complete copy exists; start it again under a new --name")
         space, saved = _saved_search(record)
+        ignored = resume_ignored(record, resume_flags or {})
+        if ignored:
+            print(f"fer-tune: note: --resume continues {name} as it was started; ignored: {', '.join(ignored)}",
+                  file=sys.stderr)
         trials, executor, seed, subset = saved["trials"], saved["executor"], saved["seed"], saved["subset"]
         workers_per_trial, cpus_per_trial = saved["workers_per_trial"], saved["cpus_per_trial"]
         gpus_per_trial, sampler = saved["gpus_per_trial"], saved.get("sampler", "tpe")
@@ -593,6 +598,25 @@ def _read_record(folder: Path, storage: str, name: str) -> dict:
 def _saved_search(record: dict) -> tuple[SearchSpace, dict]:
     """The resolved space and the flags a search was started with (from its search.yaml)."""
     return space_from_record(record["space"]), record["flags"]
+
+
+def resume_ignored(record: dict, given: dict) -> list[str]:
+    """The flags given with --resume (`given`: the CLI's key -> value) that say otherwise than the
+    search was started with, as `--flag value`: --resume continues the search as it was started."""
+    space, saved = _saved_search(record)
+    started = {"space": space.name, "trials": saved["trials"], "max_epochs": space.max_epochs,
+               "grace_period": space.grace_period, "reduction_factor": space.reduction_factor,
+               "promotion_window": space.promotion_window, "metric": space.metric, "mode": space.mode,
+               "dataset": record["dataset"]["name"], "subset": saved["subset"], "executor": saved["executor"],
+               "workers_per_trial": saved["workers_per_trial"], "cpus_per_trial": saved["cpus_per_trial"],
+               "gpus_per_trial": saved["gpus_per_trial"], "seed": saved["seed"],
+               "sampler": saved.get("sampler", "tpe"), "no_early_stopping": not saved.get("early_stopping", True)}
+    ignored = []
+    for key, value in given.items():
+        if key not in started or value == started[key] or (key == "space" and Path(str(value)).stem == space.name):
+            continue
+        ignored.append(f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}"))
+    return ignored
 
 
 def _experiment_name(name: str | None, space: SearchSpace | None, storage: str, resume: bool) -> str:
