@@ -75,10 +75,10 @@ class SearchSummary:
                  + (f", {c.get('interrupted', 0) + c.get('running', 0) + c.get('pending', 0)} interrupted"
                     if self.interrupted else "") + f" in {self.seconds:.0f} s",
                  f"epochs spent: {self.epochs_spent} of {self.epochs_without_early_stopping} without early "
-                 f"stopping ({len(self.table)} trials x {self.max_epochs} epochs)"]
+                 f"stopping ({len(self.table)} trials x {self.max_epochs} epoch{'s' * (self.max_epochs != 1)})"]
         if self.best:
             lines.append(f"best: trial {self.best['trial_id']}  {self.metric} {self.best.get('best_' + self.metric):.4f}"
-                         f"  ({self.best.get('epochs')} epochs)")
+                         f"  ({self.best.get('epochs')} epoch{'s' * (self.best.get('epochs') != 1)})")
             params = {k: v for k, v in (self.best_config or {}).items()}
             lines.append("best config: " + json.dumps(params, default=str))
         lines.append(f"results: {self.path}  (fer-tune trials {self.path}; fer-tune board {self.path})")
