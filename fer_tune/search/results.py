@@ -256,7 +256,7 @@ def load_table(exp_dir: str | Path) -> pd.DataFrame:
         return pd.read_parquet(exp_dir / "trials.parquet")
     if (exp_dir / "trials.csv").is_file():
         return pd.read_csv(exp_dir / "trials.csv")
-    raise UserError(f"{exp_dir}: no trials table yet (trials.csv appears when the first trial reports)")
+    raise UserError(f"{exp_dir}: no trials table yet (trials.csv appears when the first trial starts)")
 
 
 def key_columns(df: pd.DataFrame, params: list[str], metric: str) -> list[str]:
