@@ -14,8 +14,8 @@ from fer_tune.errors import UserError
 
 # What a search is: --resume continues it as it was started, whatever these flags say.
 SEARCH_FLAGS = ("space", "trials", "max_epochs", "grace_period", "reduction_factor", "promotion_window", "metric",
-                  "mode", "dataset", "subset", "executor", "workers_per_trial", "cpus_per_trial", "gpus_per_trial",
-                  "seed", "sampler", "no_early_stopping")
+                "mode", "dataset", "subset", "executor", "workers_per_trial", "cpus_per_trial", "gpus_per_trial",
+                "seed", "sampler", "no_early_stopping")
 
 
 def add_commands(sub, data_root_flag) -> None:
@@ -88,9 +88,10 @@ def cmd_search(args) -> None:
         from fer_tune.search.space import list_spaces
 
         raise UserError(f"search: --space is required (one of {', '.join(list_spaces())}, or a .yaml path)")
-    given = {key: value for key, default in args.search_defaults.items() if (value := getattr(args, key)) != default}
+    given = None  # with --resume: the search flags given, each compared with how the search was started
+    if args.resume:
+        given = {key: value for key, default in args.search_defaults.items() if (value := getattr(args, key)) != default}
     space = load_space(args.space) if args.space and not args.resume else None  # errors before Ray starts
-    flags = {k: v for k, v in vars(args).items() if k not in ("func", "search_defaults")}
     summary = run_search(
         space, args.dataset, trials=args.trials, max_epochs=args.max_epochs, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, promotion_window=args.promotion_window, metric=args.metric,
@@ -100,7 +101,7 @@ def cmd_search(args) -> None:
         retry_failed=args.retry_failed, max_failures=args.max_failures, data_root=args.data_root,
         num_cpus=args.num_cpus, progress=not args.quiet, sampler=args.sampler,
         early_stopping=not args.no_early_stopping, keep_checkpoints=args.keep_checkpoints,
-        flags={"argv": sys.argv[1:], "dataset": flags["dataset"]}, resume_flags=given if args.resume else None)
+        flags={"argv": sys.argv[1:], "dataset": args.dataset}, resume_flags=given)
     print(summary.text())
     if summary.interrupted:
         raise KeyboardInterrupt

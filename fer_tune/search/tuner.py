@@ -83,20 +83,16 @@ class SearchSummary:
             lines.append("best config: " + json.dumps(params, default=str))
         lines.append(f"results: {self.path}  (fer-tune trials {self.path}; fer-tune board {self.path})")
         if self.interrupted:
-            lines.append(f"interrupted: continue with `fer-tune search --resume --name {self.name}{self.storage_flag}`")
+            lines.append(f"interrupted: continue with `{resume_command(self.name, self.path)}`")
         return "\n".join(lines)
 
-    @property
-    def storage_flag(self) -> str:
-        return storage_flag(self.path)
 
-
-def storage_flag(path: str) -> str:
-    """` --storage PARENT` for an experiment at `path`, where it is not under the default ./results."""
+def resume_command(name: str, path: str) -> str:
+    """The command that continues the experiment `name` at `path`: with ` --storage PARENT` where it
+    is not under the default ./results."""
     parent = path.rsplit("/", 1)[0] if "/" in path else "."
-    if "://" not in parent and Path(parent).resolve() == Path("results").resolve():
-        return ""
-    return f" --storage {parent}"
+    default = "://" not in parent and Path(parent).resolve() == Path("results").resolve()
+    return f"fer-tune search --resume --name {name}" + ("" if default else f" --storage {parent}")
 
 
 def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int | None = None,
@@ -202,6 +198,7 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
                   "the extra trials' worker groups wait for CPUs", file=sys.stderr)
         work_dir = local_dir or local_cache(name)
         storage_mod.make_folder(work_dir, storage)
+        exp_path = str(local_dir) if local_dir else f"{storage}/{name}"
         setup = TrialSetup(space=space, epochs=space.max_epochs, seed=seed, subset=subset, executor=executor,
                            workers=workers_per_trial, cpus_per_worker=cpus_per_trial, gpus_per_worker=gpus_per_trial,
                            train_storage=f"{storage.rstrip('/')}/{name}/train_runs", report_interval_s=report_interval_s,
@@ -227,8 +224,7 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
                          TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0",
                          TUNE_MAX_PENDING_TRIALS_PG=str(concurrency)), \
                 (snapshot.kept(local_dir) if local_dir is not None else contextlib.nullcontext()), \
-                cluster.exit_if_the_instance_ends(own_daemons, lambda: _lost_ray(tables, work_dir, name,
-                                                                                            local_dir, storage)):
+                cluster.exit_if_the_instance_ends(own_daemons, lambda: _lost_ray(tables, work_dir, name, exp_path)):
             grid = tuner.fit()
         for callback in _callbacks(tuner):
             if isinstance(callback, CheckpointCleanup):
@@ -243,7 +239,7 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
         best_config = None
         if best is not None:
             best_config = next((t.config for t in all_trials if t.trial_id == best["trial_id"]), None)
-        summary = SearchSummary(name=name, path=str(local_dir) if local_dir else f"{storage}/{name}", table=frame,
+        summary = SearchSummary(name=name, path=exp_path, table=frame,
                                 metric=space.metric, mode=space.mode, max_epochs=space.max_epochs,
                                 seconds=time.time() - t_start, interrupted=interrupted, counts=counts, best=best,
                                 best_config=best_config)
@@ -684,7 +680,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def _lost_ray(tables: TablesCallback, work_dir: Path, name: str, local_dir: Path | None, storage: str) -> None:
+def _lost_ray(tables: TablesCallback, work_dir: Path, name: str, exp_path: str) -> None:
     """The local Ray instance ended under the search (a signal to the whole process group): write the
     tables from what the driver knows (trials then running stay `running`) and say how to continue."""
     try:
@@ -693,9 +689,8 @@ def _lost_ray(tables: TablesCallback, work_dir: Path, name: str, local_dir: Path
         _write_yaml(work_dir / "search.yaml", {**record, "status": "interrupted"})
     except Exception as exc:  # nothing more can be saved; say so and still leave
         print(f"fer-tune: could not write the tables ({exc})", file=sys.stderr)
-    flag = storage_flag(str(local_dir) if local_dir else f"{storage}/{name}")
     print(f"fer-tune: interrupted: this search's Ray instance ended (its processes were stopped, e.g. by a signal "
-          f"to the whole process group); continue with `fer-tune search --resume --name {name}{flag}`", file=sys.stderr)
+          f"to the whole process group); continue with `{resume_command(name, exp_path)}`", file=sys.stderr)
 
 
 def _write_yaml(path: Path, payload: dict, keep_from: Path | None = None) -> None:
