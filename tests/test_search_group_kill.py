@@ -1,6 +1,7 @@
 """SIGTERM to the whole process group of a search that started its own Ray instance (what Slurm,
 systemd and `kill -- -PGID` do): Ray's daemons end with the driver. The command must still leave its
-tables and a resume hint, promptly, and `--resume` must finish the search.
+tables and a resume hint, promptly, and `--resume` must finish the search. And a SIGTERM after Ray
+has shut down still reaches the command's handler.
 
 Its own module: the search starts a local Ray instance, which the other Ray modules' shared
 instance would refuse.
@@ -55,3 +56,22 @@ def test_a_group_sigterm_leaves_tables_and_a_resume_hint(toy_prepared, tmp_path)
     assert resumed.returncode == 0, resumed.stdout
     after = pd.read_csv(table_path)
     assert len(after) == 12 and set(after["status"]) <= {"completed", "stopped early"}
+
+
+def test_sigterm_after_ray_shutdown_still_reaches_the_command_handler(tmp_path):
+    """ray.shutdown resets SIGTERM to the default action below Python (retrain goes on to evaluate and
+    write its report after its Ray runs); the command's handler must still be the one that runs."""
+    script = tmp_path / "after_shutdown.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from fer_tune.search import cluster\n"
+        "def handler(signum, frame):\n"
+        "    print('handled', flush=True)\n"
+        "    sys.exit(7)\n"
+        "signal.signal(signal.SIGTERM, handler)\n"
+        "cluster.shutdown(cluster.connect(None, num_cpus=1, quiet=True))\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(10)\n")
+    done = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=120)
+    assert done.returncode == 7 and "handled" in done.stdout, (done.returncode, done.stdout)

@@ -40,8 +40,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
 
 @contextmanager
 def _keeping_sigterm_handler():
-    """ray.init replaces the driver's SIGTERM handler with a plain sys.exit; keep the command's own
-    (the CLI's stops like Ctrl-C, so `kill` of a search still ends it gracefully and writes its tables)."""
+    """ray.init replaces the driver's SIGTERM handler with a plain sys.exit, and ray.shutdown sets it
+    to the default action (an instant death) underneath Python; keep the command's own (the CLI's stops
+    like Ctrl-C, so `kill` of a search still ends it gracefully and writes its tables, and `kill` of a
+    retrain after its Ray runs still removes its half-written output)."""
     main_thread = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
@@ -125,7 +127,8 @@ def shutdown(started: bool) -> None:
     import ray
 
     if started and ray.is_initialized():
-        ray.shutdown()
+        with _keeping_sigterm_handler():
+            ray.shutdown()
 
 
 def check_state_api(timeout_s: float = 30.0) -> bool:
