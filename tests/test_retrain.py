@@ -17,6 +17,7 @@ from conftest import toy_arrays, write_fer_csv
 from fer_tune.data.prepared import PreparedDataset
 from fer_tune.errors import RunFailed, UserError
 from fer_tune.evaluate import read_experiment, retrain
+from fer_tune.search import results as tables
 
 retrain_mod = importlib.import_module("fer_tune.evaluate.retrain")  # the package exports the function `retrain`
 from fer_tune.train import TrainingDiverged, load_checkpoint
@@ -138,6 +139,11 @@ def test_table_values_come_back_in_the_space_types(toy_fer, tmp_path):
     assert fc == 128 and type(fc) is int
     assert ranked[0].config.model_kwargs == {"hidden": [64]}
     create_model(ranked[1].config.model, **ranked[1].config.model_kwargs)  # raised on 128.0 before
+    # The tables fer-tune writes keep such a column whole (pandas' Int64, a gap is NA): read back the same
+    tables.write_tables(exp_dir, tables.build_table(rows, "val_acc", "max"), metric="val_acc", mode="max")
+    assert str(pd.read_parquet(exp_dir / "trials.parquet")["model_kwargs.fc"].dtype) == "Int64"
+    again = read_experiment(exp_dir).ranked(2)
+    assert [r.config.model_kwargs for r in again] == [r.config.model_kwargs for r in ranked]
 
 
 def test_ranked_configs_resolve_each_trials_alternative(toy_fer, tmp_path):

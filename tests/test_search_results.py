@@ -109,6 +109,28 @@ def test_trials_command_formats(experiment, capsys, fmt):
         assert "t3" in out and "t1" in out and "t2" not in out and "best val_acc first" in out
 
 
+def test_a_conditional_integer_stays_whole_in_every_format(tmp_path, capsys):
+    """model_kwargs.fc exists only for some trials: pandas would make the column float (512.0)."""
+    trials = [fake_trial("v", "TERMINATED", 4, [0.5, 0.7], config={"model": "vgg_fer_s", "model_kwargs.fc": 512}),
+              fake_trial("s", "TERMINATED", 4, [0.4, 0.6], config={"model": "simple_cnn"})]
+    table = results.build_table(rows_for(trials, {"v", "s"}), "val_acc", "max")
+    exp = tmp_path / "cond"
+    results.write_tables(exp, table, metric="val_acc", mode="max")
+    csv = (exp / "trials.csv").read_text().splitlines()
+    fc = csv[0].split(",").index("model_kwargs.fc")
+    assert [line.split(",")[fc] for line in csv[1:]] == ["512", ""]
+    assert list(pd.read_parquet(exp / "trials.parquet")["model_kwargs.fc"].astype(object).fillna(-1)) == [512, -1]
+    assert json.loads((exp / "best.json").read_text())["trial"]["model_kwargs.fc"] == 512
+    assert main(["trials", str(exp), "--format", "json", "--all-columns"]) == 0
+    assert [r["model_kwargs.fc"] for r in json.loads(capsys.readouterr().out)] == [512, None]
+    assert main(["trials", str(exp), "--format", "csv", "--all-columns"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[fc] for line in out[1:]] == ["512", ""]
+    assert main(["trials", str(exp), "--all-columns"]) == 0
+    out = capsys.readouterr().out
+    assert " 512 " in out + " " and "512.0" not in out and "<NA>" not in out and "nan" not in out.lower()
+
+
 def test_trials_command_shows_keys_with_one_range_per_condition(experiment, capsys):
     """cpu.yaml gives lr and weight_decay one range per optimizer (a list in search.yaml): still columns."""
     (experiment / "search.yaml").write_text(yaml.safe_dump({"space": load_space("cpu").to_dict()}))

@@ -128,9 +128,12 @@ def build_table(rows: Iterable[dict], metric: str, mode: str, params: list[str] 
     """Rows -> DataFrame, best first (by the best value of `metric`; trials without it last).
     Columns: trial_id, status, epochs, the hyperparameters (`params` order first), the metrics,
     then the rest."""
-    df = pd.DataFrame(list(rows))
+    rows = list(rows)
+    df = pd.DataFrame(rows)
     if df.empty:
         return df
+    for col in _whole_number_columns(rows):  # a conditional knob (fc=512 in some trials, absent in
+        df[col] = df[col].astype("Int64")    # others) stays 512, not pandas' 512.0, in every format
     key = f"best_{metric}"
     if key in df.columns:
         df = df.sort_values(key, ascending=(mode == "min"), na_position="last", kind="stable")
@@ -142,6 +145,17 @@ def build_table(rows: Iterable[dict], metric: str, mode: str, params: list[str] 
     order = {p: i for i, p in enumerate(params or [])}
     hyper.sort(key=lambda c: order.get(c, len(order)))
     return df[first + hyper + metric_cols + tail].reset_index(drop=True)
+
+
+def _whole_number_columns(rows: list[dict]) -> list[str]:
+    """Columns whose values are all Python ints where given, and missing in some rows."""
+    kinds: dict[str, set] = {}
+    for row in rows:
+        for key, value in row.items():
+            if value is not None:
+                kinds.setdefault(key, set()).add(type(value))
+    return [key for key, seen in kinds.items()
+            if seen == {int} and any(row.get(key) is None for row in rows)]
 
 
 def write_tables(exp_dir: str | Path, df: pd.DataFrame, *, metric: str, mode: str,
@@ -170,7 +184,7 @@ def _to_parquet(df: pd.DataFrame, path: str) -> None:
     # Columns mixing types (a conditional value, None elsewhere) are stored as text.
     out = df.copy()
     for col in out.columns:
-        kinds = {type(v) for v in out[col] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        kinds = {type(v) for v in out[col] if not _missing(v)}
         if len(kinds) > 1 and not kinds <= {int, float}:
             out[col] = out[col].map(lambda v: None if v is None else str(v))
     out.to_parquet(path, index=False)
@@ -186,9 +200,12 @@ def plain_value(value: Any) -> Any:
     """A table cell as a plain Python value (numpy scalars unwrapped, NaN -> None)."""
     if hasattr(value, "item"):
         value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
+    return None if _missing(value) else value
+
+
+def _missing(value: Any) -> bool:
+    """None, NaN, or pandas' NA (the gap in a whole-number column)."""
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 # -- reading back (`fer-tune trials`) -------------------------------------------------------------
@@ -312,7 +329,7 @@ def sort_ascending(column: str, mode: str | None = None) -> bool:
 
 
 def _short(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
