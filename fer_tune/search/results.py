@@ -186,7 +186,7 @@ def _to_parquet(df: pd.DataFrame, path: str) -> None:
     for col in out.columns:
         kinds = {type(v) for v in out[col] if not _missing(v)}
         if len(kinds) > 1 and not kinds <= {int, float}:
-            out[col] = out[col].map(lambda v: None if v is None else str(v))
+            out[col] = out[col].map(lambda v: None if _missing(v) else str(v))
     out.to_parquet(path, index=False)
 
 
@@ -197,7 +197,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def plain_value(value: Any) -> Any:
-    """A table cell as a plain Python value (numpy scalars unwrapped, NaN -> None)."""
+    """A table cell as a plain Python value (numpy scalars unwrapped, NaN and NA -> None)."""
     if hasattr(value, "item"):
         value = value.item()
     return None if _missing(value) else value
