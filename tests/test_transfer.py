@@ -112,7 +112,7 @@ def test_transfer_all_strategies(world, monkeypatch):
 
 def test_image_shapes_must_match(world, tmp_path):
     data_root, exp = world
-    prepare_toy_fer(tmp_path, name="rafdb24", size=24)
+    prepare_toy_fer(tmp_path, name="rafdb24", size=24, transform=shifted)
     (tmp_path / "data" / "fer2013").symlink_to(data_root / "fer2013")
     with pytest.raises(UserError, match=r"rafdb24 images are 1x24x24 but the model .* use 1x48x48; .*--size 48"):
         transfer(exp, to="rafdb24", data_root=tmp_path / "data", force=True, **QUIET)
@@ -128,3 +128,33 @@ def test_transfer_needs_a_retrained_model(world, tmp_path):
         transfer(bare, to="rafdb", strategy="everything", data_root=data_root, **QUIET)
     with pytest.raises(UserError, match="--joint-fraction 1.0: must lie strictly between 0 and 1"):
         transfer(bare, to="rafdb", strategy="joint", joint_fraction=1.0, data_root=data_root, **QUIET)
+
+
+def test_transfer_refuses_its_own_source_and_a_stray_joint_fraction(world):
+    data_root, exp = world
+    with pytest.raises(UserError, match=r"--to fer2013: that is the dataset the model was trained on \(fer2013\)"):
+        transfer(exp, to="fer2013", data_root=data_root, force=True, **QUIET)
+    with pytest.raises(UserError, match="--joint-fraction applies to --strategy joint .or all., not full"):
+        transfer(exp, to="rafdb", strategy="full", joint_fraction=0.3, data_root=data_root, force=True, **QUIET)
+
+
+def test_an_ensembles_best_network_by_val_is_transferred_and_named(world, tmp_path):
+    """final/ of `retrain --top-k 2`: the network with the best val score, whichever config's, with a note."""
+    import shutil
+
+    data_root, exp = world
+    copy = tmp_path / exp.name
+    shutil.copytree(exp, copy, ignore=shutil.ignore_patterns("transfer"))
+    shutil.copytree(copy / "final" / "runs" / "rank1-seed0", copy / "final" / "runs" / "rank2-seed0")
+    meta = json.loads((copy / "final" / "metrics.json").read_text())
+    first = meta["models"][0]
+    meta["models"].append({**first, "name": "rank2-seed0", "rank": 2, "checkpoint": "runs/rank2-seed0/best.pt",
+                           "val": {"val_acc": first["val"]["val_acc"] + 0.01}})
+    meta["ensembles"] = [{"name": "top2-seed0", "members": ["rank1-seed0", "rank2-seed0"]}]
+    (copy / "final" / "metrics.json").write_text(json.dumps(meta))
+    lines = []
+    m = transfer(copy, to="rafdb", strategy="linear-probe", epochs=1, data_root=data_root, progress=False,
+                 log=lines.append)
+    assert Path(m["source_model"]).parent.name == "rank2-seed0"
+    assert any(line.startswith("note: final/ scores an ensemble of 2 configs") and line.endswith("rank2-seed0")
+               for line in lines), lines

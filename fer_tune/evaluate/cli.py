@@ -78,13 +78,14 @@ def add_commands(sub, data_root_flag) -> None:
                         "classifier; joint: all layers on target + source images (against forgetting); all: each, "
                         "compared in one table (default full)")
     p.add_argument("--joint-fraction", type=float, default=DEFAULT_JOINT_FRACTION,
-                   help="joint: share of source images in the training mixture (default 0.5)")
+                   help="joint (and all): share of source images in the training mixture (default 0.5)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: half of the source model's)")
     p.add_argument("--lr-factor", type=float,
                    help="fine-tuning lr = this x the model's lr (default 0.1; 1 for linear-probe)")
     p.add_argument("--time-budget", type=_duration, help="per strategy: as many epochs as fit, e.g. 10m")
     p.add_argument("--seed", type=int, help="fine-tuning seed (default: the model's)")
-    p.add_argument("--checkpoint", help="transfer this checkpoint instead of the best model in final/")
+    p.add_argument("--checkpoint", help="transfer this checkpoint instead of final/'s network with the best val "
+                                        "score (of any config when final/ is a --top-k ensemble)")
     p.add_argument("--source-dataset", help="dataset the model was trained on (default: from final/metrics.json)")
     tta_flags(p)
     p.add_argument("--storage", default="results")

@@ -65,6 +65,8 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
         raise UserError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)} or all")
     if not 0 < joint_fraction < 1:
         raise UserError(f"--joint-fraction {joint_fraction}: must lie strictly between 0 and 1")
+    if joint_fraction != DEFAULT_JOINT_FRACTION and "joint" not in strategies:
+        raise UserError(f"--joint-fraction applies to --strategy joint (or all), not {strategy}")
     if epochs is not None and epochs < 1:
         raise UserError(f"--epochs {epochs}: must be >= 1")
     if lr_factor is not None and not lr_factor > 0:
@@ -82,7 +84,13 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
         raise UserError(f"{exp.path}: cannot tell which dataset the model was trained on; pass --source-dataset NAME")
     src = datasets.load(src_name, data_root)
     tgt = datasets.load(to, data_root)
+    if src.sha256 == tgt.sha256:
+        raise UserError(f"--to {to}: that is the dataset the model was trained on ({src.name}); transfer measures "
+                        "another dataset, e.g. --to rafdb")
     _check_compatible(src, tgt, state, ckpt_path)
+    if len(final_meta.get("ensembles") or []) and not checkpoint:
+        log(f"note: final/ scores an ensemble of {len({m.get('rank') for m in final_meta['models']})} configs; "
+            f"transfer fine-tunes one network, the one with the best val score: {ckpt_path.parent.name}")
 
     base = TrainConfig.from_dict(state["config"], source=f"{ckpt_path} config")
     n_epochs = epochs or max(1, round(base.epochs / 2))
@@ -149,8 +157,8 @@ def joint_data(target: TrainData, source, fraction: float, seed: int) -> tuple[T
 
 
 def _source_checkpoint(exp, checkpoint) -> tuple[Path, dict]:
-    """The model to transfer: --checkpoint, else the final model with the best val score (of the
-    rank-1 config) listed in final/metrics.json."""
+    """The model to transfer: --checkpoint, else the final model with the best val score listed in
+    final/metrics.json (of any config, when final/ is a --top-k ensemble)."""
     meta_path = exp.final_dir / "metrics.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if checkpoint:
@@ -158,7 +166,7 @@ def _source_checkpoint(exp, checkpoint) -> tuple[Path, dict]:
     if not meta.get("models"):
         raise UserError(f"{exp.final_dir}: no retrained model (metrics.json missing); run `fer-tune retrain "
                         f"{exp.name}` first or pass --checkpoint PATH")
-    models = [m for m in meta["models"] if m.get("rank") == 1] or meta["models"]
+    models = meta["models"]
     select = (models[0].get("config") or {}).get("select_metric", "val_acc")
     sign = selection_sign(select)
     best = max(models, key=lambda m: sign * (m.get("val") or {}).get(select, -sign * np.inf))
