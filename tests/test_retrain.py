@@ -287,6 +287,20 @@ def test_retrain_metrics_agree_with_the_confusion_matrices(seeded):
     for png in ("learning_curves.png", "confusion_matrix.png", "per_class_f1.png", "class_distribution.png"):
         assert f"({png})" in report
     assert f"{summary['accuracy']['mean']:.4f} ± {summary['accuracy']['std']:.4f} (n=2)" in report
+    assert "with seeds 0, 1;" in report
+    # The largest confusions count the pooled matrix's predictions, and say so (2 per test image). The toy
+    # models confuse nothing; a matrix that does:
+    import copy
+    import re
+
+    m = copy.deepcopy(m)
+    pooled = np.diag([40] * 7)
+    pooled[1, 6], pooled[0, 3] = 30, 10
+    m["final"]["test"]["all"]["pooled_confusion_matrix"] = pooled.tolist()
+    report = retrain_mod.final_markdown(m, {"cm": "cm.png", "f1": "f1.png", "curves": "c.png"})
+    assert re.findall(r"- \*\*(\w+)\*\* predicted as \*\*(\w+)\*\*: ([\d.]+) % \((.*)\)", report) == [
+        (m["dataset"]["classes"][1], m["dataset"]["classes"][6], "42.9", "30 of 70 predictions: 2 models x 35 images"),
+        (m["dataset"]["classes"][0], m["dataset"]["classes"][3], "20.0", "10 of 50 predictions: 2 models x 25 images")]
 
 
 def test_top_k_ensemble_averages_the_softmax_of_the_k_best(toy_fer, tmp_path, monkeypatch):

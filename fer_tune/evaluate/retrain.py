@@ -547,6 +547,13 @@ def write_final_report(out: Path, metrics: dict, runs: list[RunResult], ds) -> N
     (out / "report.md").write_text(final_markdown(metrics, plots))
 
 
+def _seeds_text(m: dict) -> str:
+    seeds = sorted({x["seed"] for x in m.get("models", []) if x.get("seed") is not None})
+    if not seeds:
+        return f"{m['protocol']['seeds']} seed(s)"
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+
+
 def final_markdown(m: dict, plots: dict) -> str:
     p, d, final = m["protocol"], m["dataset"], m["final"]
     test = final["test"]
@@ -558,7 +565,7 @@ def final_markdown(m: dict, plots: dict) -> str:
         f"{final['kind'].capitalize()} from {configs}, retrained from scratch on "
         + (f"the full `{d['name']}` train split " if p["train_subset"] >= 1 else
            f"a stratified {p['train_subset']:.0%} of the `{d['name']}` train split (--subset) ")
-        + f"with {p['seeds']} seed(s); epochs: {p['epochs']}. Each run keeps the weights of its {p['selection']}; "
+        + f"with {_seeds_text(m)}; epochs: {p['epochs']}. Each run keeps the weights of its {p['selection']}; "
         f"the test split ({d['test_images']} images) was scored once per model, after training. "
         f"Test-time augmentation: {p['tta']}.", ""]
     if m.get("screen"):
@@ -592,8 +599,14 @@ def final_markdown(m: dict, plots: dict) -> str:
     lines += ["## Where it confuses classes", "", f"![confusion matrix]({plots['cm']})", ""]
     top = rep.top_confusions(test["all"]["pooled_confusion_matrix"], classes, 5)
     if top:
+        models = len(final.get("models") or []) or 1  # the pooled matrix sums every final model's predictions
+
+        def count(n, share):
+            total = round(n / share)
+            return f"{n} images" if models == 1 else f"{n} of {total} predictions: {models} models x {total // models} images"
+
         lines += ["Largest confusions (share of the true class):", ""]
-        lines += [f"- **{t}** predicted as **{pr}**: {share * 100:.1f} % ({n} images)" for t, pr, share, n in top]
+        lines += [f"- **{t}** predicted as **{pr}**: {share * 100:.1f} % ({count(n, share)})" for t, pr, share, n in top]
         lines.append("")
     lines += ["## Per-class scores", "", f"![per-class F1]({plots['f1']})", ""]
     rows = [[c, test["all"]["per_class"][c]["precision"]["mean"], test["all"]["per_class"][c]["recall"]["mean"],
