@@ -436,6 +436,17 @@ def test_not_an_image_in_imagefolder(tmp_path, root):
                call=lambda: prepare("imagefolder", path, data_root=root))
 
 
+def test_every_undecodable_image_is_named_at_once(tmp_path, root):
+    files = imagefolder_files()
+    files["faces/Train/calm/zz.jpg"] = b"plain text"
+    files["faces/Train/calm/zy.png"] = encode(noise(3), "PNG")[:60]
+    path = write_folder(tmp_path / "faces", files)
+    message = user_error(root, "2 images cannot be used: ", str(path / "faces/Train/calm/zy.png"),
+                         str(path / "faces/Train/calm/zz.jpg") + ": cannot decode the image (not an image format Pillow "
+                         "reads", call=lambda: prepare("imagefolder", path, data_root=root))
+    assert "BytesIO" not in message
+
+
 def test_fer2013_wrong_image_size(tmp_path, root):
     files = fer_files()
     files["train/happy/Training_big.jpg"] = jpeg(3, side=64)

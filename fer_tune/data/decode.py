@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fer_tune.data.classes import CLASSES, accepted_names, canonical_class
 from fer_tune.errors import UserError
@@ -194,13 +194,30 @@ def decode_images(
     `required` = (dataset name, side) rejects images that are not side x side."""
     images = np.empty((len(members), 3 if rgb else 1, size, size), dtype=np.uint8)
     hashes = [b""] * len(members)
+    problems: dict[int, str] = {}  # every bad file in one message, not one per run
 
     def decode_range(lo, hi):
         for i in range(lo, hi):
-            images[i], hashes[i] = _decode(source, members[i], size, rgb, required)
+            try:
+                images[i], hashes[i] = _decode(source, members[i], size, rgb, required)
+            except UserError as exc:
+                problems[i] = str(exc)
 
     _run_chunks(decode_range, len(members))
+    if problems:
+        listed = [problems[i] for i in sorted(problems)]
+        if len(listed) == 1:
+            raise UserError(listed[0])
+        more = f"; and {len(listed) - 5} more" if len(listed) > 5 else ""
+        raise UserError(f"{len(listed)} images cannot be used: " + "; ".join(listed[:5]) + more)
     return images, hashes
+
+
+def why_undecodable(exc: BaseException) -> str:
+    """Pillow's reason an image could not be read, in a user's words."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format Pillow reads (jpg, png, bmp, webp, ...)"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _decode(source, member, size, rgb, required):
@@ -216,7 +233,8 @@ def _decode(source, member, size, rgb, required):
                 )
             return to_stored(im, size, rgb), pixel_digest(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{source.where(member)}: cannot decode the image ({e}); remove or replace the file") from None
+        raise UserError(f"{source.where(member)}: cannot decode the image ({why_undecodable(e)}); remove or replace "
+                        "the file") from None
 
 
 def _run_chunks(work, n, chunk=256):

@@ -89,9 +89,9 @@ def crop_box(box: tuple[int, int, int, int], margin: float, width: int, height: 
 def prepare_image(path: str | Path, *, img_size: int, rgb: bool, detect: bool, margin: float,
                   detector: Callable | None) -> tuple[np.ndarray, dict]:
     """(uint8 (C, img_size, img_size) as in training, facts) for one image; UserError when unusable."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
-    from fer_tune.data.decode import to_stored
+    from fer_tune.data.decode import to_stored, why_undecodable
 
     path = Path(path)
     try:
@@ -102,12 +102,8 @@ def prepare_image(path: str | Path, *, img_size: int, rgb: bool, detect: bool, m
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
-    except UnidentifiedImageError:
-        raise UserError("cannot decode the image: not an image format Pillow reads (jpg, png, bmp, webp, ...)") \
-            from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot decode the image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") \
-            from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError too
+        raise UserError(f"cannot decode the image ({why_undecodable(exc)})") from None
     facts: dict = {"face": None, "faces_found": None, "note": ""}
     if detect:
         gray = np.asarray(im.convert("L"))
