@@ -84,8 +84,8 @@ def test_bad_files_are_reported_and_the_rest_processed(model_path, crops, tmp_pa
     assert out.startswith(f"{paths[2]}: ") and "TTA" not in out
     code, err = cli(["predict", str(model_path), str(paths[2]), "--no-detect", "--tta"])
     assert code == 0 and capsys.readouterr().out.rstrip().endswith("(flip TTA)")
-    code, err = cli(["predict", str(model_path), str(paths[2]), "--no-detect", "--tta-crops", "--json"])
-    assert code == 0 and json.loads(capsys.readouterr().out)[0]["tta"] == "crops"
+    code, err = cli(["predict", str(model_path), str(paths[2]), str(junk), "--no-detect", "--tta-crops", "--json"])
+    assert code == 2 and [p["tta"] for p in json.loads(capsys.readouterr().out)] == ["crops", None]  # none scored
 
 
 def has_cascade() -> bool:

@@ -35,7 +35,7 @@ class Prediction:
     face: dict | None = None  # {"x", "y", "w", "h"} of the face used, in the image's pixels
     faces_found: int | None = None  # None with --no-detect
     note: str = ""
-    tta: str = "none"  # the TTA mode of the probabilities: none, flip or crops
+    tta: str | None = None  # the TTA mode of the probabilities (none, flip or crops); None without them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +48,7 @@ class Prediction:
         if self.face:
             f = self.face
             where = f"  [face {f['w']}x{f['h']} at ({f['x']},{f['y']})" + (f"; {self.note}" if self.note else "") + "]"
-        tta = f" ({self.tta} TTA)" if self.tta != "none" else ""
+        tta = f" ({self.tta} TTA)" if self.tta not in (None, "none") else ""
         return f"{self.image}: {probs}{tta}{where}"
 
 
