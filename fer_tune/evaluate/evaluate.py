@@ -262,6 +262,9 @@ def read_image_folder(path: Path, *, split: str = "test", img_size: int = 48, rg
                 raise UserError(f"{path}: no '{split}' split folder (found {', '.join(splits)}); pass --split with "
                                 "one of them")
         else:
+            if split != "test":  # the default; a folder of class folders is scored whole
+                raise UserError(f"--split {split}: {path} has no split folders (<class>/<image>), so all of its "
+                                "images are scored; leave --split out")
             picked = [m for m in images if len(m.split("/")) >= 2]
             if not picked:
                 raise UserError(f"{path}: images must sit in class folders (<class>/<image>)")
