@@ -85,6 +85,8 @@ def test_raw_folder_with_a_missing_and_an_extra_class(model_path, tmp_path):
     probs = reference_probs(model_path, x[keep])
     assert m["all"]["accuracy"] == pytest.approx(np.mean(probs[:, :6].argmax(1) == y[keep]))
     assert m["accuracy_unrestricted"] == pytest.approx(np.mean(probs.argmax(1) == y[keep]))
+    report = (write_evaluation(tmp_path / "ev", m) / "report.md").read_text()
+    assert f"every model class (not only the shared ones): {m['accuracy_unrestricted']:.4f}" in report
     assert np.array(m["all"]["confusion_matrix"]).shape == (6, 6)
     with pytest.raises(UserError, match=r"--split val: .* has no split folders \(<class>/<image>\), so all of its "):
         evaluate_checkpoint(model_path, root, split="val", log=lambda *a: None)  # was scored whole, silently

@@ -177,6 +177,8 @@ def write_evaluation(out: str | Path, m: dict) -> Path:
         text = [f"# `{Path(m['model']).name}` on {m['data']}", "", f"Model: `{m['model']}`; test-time augmentation: "
                 f"{m['tta']}.", "", *[f"- note: {n}" for n in m["notes"]], "",
                 rep.md_table(["images", "n", "accuracy", "macro-F1"], rows), "",
+                *([f"Accuracy with predictions of every model class (not only the shared ones): "
+                   f"{m['accuracy_unrestricted']:.4f}.", ""] if "accuracy_unrestricted" in m else []),
                 "![confusion matrix](confusion_matrix.png)", "",
                 *[f"- **{t}** predicted as **{p}**: {s * 100:.1f} % ({n} images)" for t, p, s, n in top], "",
                 "![per-class F1](per_class_f1.png)", "", rep.per_class_table(m["all"]), ""]
