@@ -441,10 +441,16 @@ def test_every_undecodable_image_is_named_at_once(tmp_path, root):
     files["faces/Train/calm/zz.jpg"] = b"plain text"
     files["faces/Train/calm/zy.png"] = encode(noise(3), "PNG")[:60]
     path = write_folder(tmp_path / "faces", files)
-    message = user_error(root, "2 images cannot be used: ", str(path / "faces/Train/calm/zy.png"),
-                         str(path / "faces/Train/calm/zz.jpg") + ": cannot decode the image (not an image format Pillow "
-                         "reads", call=lambda: prepare("imagefolder", path, data_root=root))
-    assert "BytesIO" not in message
+    message = user_error(root, "2 images cannot be used, remove or replace them: ",
+                         str(path / "faces/Train/calm/zy.png") + ": cannot decode the image (",
+                         " | " + str(path / "faces/Train/calm/zz.jpg") + ": cannot decode the image (not an image "
+                         "format Pillow reads", call=lambda: prepare("imagefolder", path, data_root=root))
+    assert "BytesIO" not in message and "remove or replace the file" not in message
+    for i in range(6):  # beyond five, the rest by name
+        files[f"faces/Train/calm/zx{i}.jpg"] = b"junk"
+    path = write_folder(tmp_path / "more", files)
+    message = user_error(root, "8 images cannot be used", call=lambda: prepare("imagefolder", path, data_root=root))
+    assert message.count("cannot decode the image") == 5 and all(f"zx{i}.jpg" in message for i in range(6))
 
 
 def test_fer2013_wrong_image_size(tmp_path, root):

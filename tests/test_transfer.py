@@ -13,6 +13,7 @@ from fer_tune.data.decode import file_sha256
 from fer_tune.data.prepared import PreparedDataset
 from fer_tune.errors import UserError
 from fer_tune.evaluate import transfer
+from fer_tune.evaluate.transfer import DEFAULT_JOINT_FRACTION
 from fer_tune.train import RunFolderReporter, TrainConfig, TrainData, fit, load_checkpoint
 from fer_tune.train.loop import classifier_of
 from fer_tune.train.checkpoint import model_from_checkpoint
@@ -112,7 +113,7 @@ def test_transfer_all_strategies(world, monkeypatch):
 
 def test_image_shapes_must_match(world, tmp_path):
     data_root, exp = world
-    prepare_toy_fer(tmp_path, name="rafdb24", size=24, transform=shifted)
+    prepare_toy_fer(tmp_path, name="rafdb24", size=24)  # the same images at another size: not refused as the same
     (tmp_path / "data" / "fer2013").symlink_to(data_root / "fer2013")
     with pytest.raises(UserError, match=r"rafdb24 images are 1x24x24 but the model .* use 1x48x48; .*--size 48"):
         transfer(exp, to="rafdb24", data_root=tmp_path / "data", force=True, **QUIET)
@@ -130,12 +131,19 @@ def test_transfer_needs_a_retrained_model(world, tmp_path):
         transfer(bare, to="rafdb", strategy="joint", joint_fraction=1.0, data_root=data_root, **QUIET)
 
 
-def test_transfer_refuses_its_own_source_and_a_stray_joint_fraction(world):
+def test_transfer_refuses_its_own_source_and_a_stray_joint_fraction(world, tmp_path):
     data_root, exp = world
-    with pytest.raises(UserError, match=r"--to fer2013: that is the dataset the model was trained on \(fer2013\)"):
+    with pytest.raises(UserError, match=r"--to fer2013: those are the images the model was trained on \(fer2013\)"):
         transfer(exp, to="fer2013", data_root=data_root, force=True, **QUIET)
-    with pytest.raises(UserError, match="--joint-fraction applies to --strategy joint .or all., not full"):
-        transfer(exp, to="rafdb", strategy="full", joint_fraction=0.3, data_root=data_root, force=True, **QUIET)
+    copy = prepare_toy_fer(tmp_path, name="fer_again")  # the same images prepared again, under another name
+    (tmp_path / "data" / "fer2013").symlink_to(data_root / "fer2013")
+    (tmp_path / "data" / "rafdb").symlink_to(data_root / "rafdb")
+    with pytest.raises(UserError, match=r"--to fer_again: those are the images the model was trained on"):
+        transfer(exp, to=copy.name, data_root=tmp_path / "data", force=True, **QUIET)
+    for fraction in (0.3, DEFAULT_JOINT_FRACTION):  # given, even at its default value
+        with pytest.raises(UserError, match="--joint-fraction applies to --strategy joint .or all., not full"):
+            transfer(exp, to="rafdb", strategy="full", joint_fraction=fraction, data_root=data_root, force=True,
+                     **QUIET)
 
 
 def test_an_ensembles_best_network_by_val_is_transferred_and_named(world, tmp_path):

@@ -208,9 +208,15 @@ def decode_images(
         listed = [problems[i] for i in sorted(problems)]
         if len(listed) == 1:
             raise UserError(listed[0])
-        more = f"; and {len(listed) - 5} more" if len(listed) > 5 else ""
-        raise UserError(f"{len(listed)} images cannot be used: " + "; ".join(listed[:5]) + more)
+        shown = [text.removesuffix(REMEDY) for text in listed[:MAX_LISTED]]
+        rest = [members[i] for i in sorted(problems)[MAX_LISTED:]]
+        more = f" | and {', '.join(source.where(m) for m in rest)}" if rest else ""
+        raise UserError(f"{len(listed)} images cannot be used, remove or replace them: " + " | ".join(shown) + more)
     return images, hashes
+
+
+REMEDY = "; remove or replace the file"
+MAX_LISTED = 5  # with their reasons; any others by name only
 
 
 def why_undecodable(exc: BaseException) -> str:
@@ -233,8 +239,7 @@ def _decode(source, member, size, rgb, required):
                 )
             return to_stored(im, size, rgb), pixel_digest(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{source.where(member)}: cannot decode the image ({why_undecodable(e)}); remove or replace "
-                        "the file") from None
+        raise UserError(f"{source.where(member)}: cannot decode the image ({why_undecodable(e)}){REMEDY}") from None
 
 
 def _run_chunks(work, n, chunk=256):

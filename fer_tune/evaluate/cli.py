@@ -77,8 +77,9 @@ def add_commands(sub, data_root_flag) -> None:
                    help="full: all layers; freeze-lower: lower half of the features frozen; linear-probe: only the "
                         "classifier; joint: all layers on target + source images (against forgetting); all: each, "
                         "compared in one table (default full)")
-    p.add_argument("--joint-fraction", type=float, default=DEFAULT_JOINT_FRACTION,
-                   help="joint (and all): share of source images in the training mixture (default 0.5)")
+    p.add_argument("--joint-fraction", type=float,
+                   help=f"joint (and all): share of source images in the training mixture (default "
+                        f"{DEFAULT_JOINT_FRACTION})")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: half of the source model's)")
     p.add_argument("--lr-factor", type=float,
                    help="fine-tuning lr = this x the model's lr (default 0.1; 1 for linear-probe)")

@@ -548,9 +548,14 @@ def write_final_report(out: Path, metrics: dict, runs: list[RunResult], ds) -> N
 
 
 def _seeds_text(m: dict) -> str:
-    seeds = sorted({x["seed"] for x in m.get("models", []) if x.get("seed") is not None})
-    if not seeds:
-        return f"{m['protocol']['seeds']} seed(s)"
+    """The seeds each config ran with, where they are the same for every config (else how many)."""
+    per_config = {}
+    for x in m.get("models", []):
+        per_config.setdefault(x.get("rank"), []).append(x.get("seed"))
+    lists = {tuple(v) for v in per_config.values()}
+    if len(lists) != 1 or None in next(iter(lists)):
+        return f"{m['protocol']['seeds']} seed(s) per config"
+    seeds = next(iter(lists))
     return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
 
 
@@ -600,10 +605,11 @@ def final_markdown(m: dict, plots: dict) -> str:
     top = rep.top_confusions(test["all"]["pooled_confusion_matrix"], classes, 5)
     if top:
         models = len(final.get("models") or []) or 1  # the pooled matrix sums every final model's predictions
+        kind = "ensembles" if final["kind"].startswith("ensemble") else "models"
 
         def count(n, share):
             total = round(n / share)
-            return f"{n} images" if models == 1 else f"{n} of {total} predictions: {models} models x {total // models} images"
+            return f"{n} images" if models == 1 else f"{n} of {total} predictions: {models} {kind} x {total // models} images"
 
         lines += ["Largest confusions (share of the true class):", ""]
         lines += [f"- **{t}** predicted as **{pr}**: {share * 100:.1f} % ({count(n, share)})" for t, pr, share, n in top]

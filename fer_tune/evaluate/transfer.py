@@ -51,7 +51,7 @@ DEFAULT_JOINT_FRACTION = 0.5
 def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "full",
              storage: str | Path = "results", checkpoint: str | Path | None = None,
              source_dataset: str | None = None, epochs: int | None = None, lr_factor: float | None = None,
-             joint_fraction: float = DEFAULT_JOINT_FRACTION, seed: int | None = None,
+             joint_fraction: float | None = None, seed: int | None = None,
              time_budget: float | None = None, tta: bool | str | None = None, data_root: str | Path | None = None,
              device: str | None = None, force: bool = False, progress: bool = True, log=print) -> dict:
     """Zero-shot, fine-tune (one strategy or "all"), forgetting check; writes `<experiment>/transfer/`."""
@@ -63,10 +63,11 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
     strategies = list(STRATEGIES) if strategy == "all" else [strategy]
     if strategy != "all" and strategy not in STRATEGIES:
         raise UserError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)} or all")
+    if joint_fraction is not None and "joint" not in strategies:
+        raise UserError(f"--joint-fraction applies to --strategy joint (or all), not {strategy}")
+    joint_fraction = DEFAULT_JOINT_FRACTION if joint_fraction is None else joint_fraction
     if not 0 < joint_fraction < 1:
         raise UserError(f"--joint-fraction {joint_fraction}: must lie strictly between 0 and 1")
-    if joint_fraction != DEFAULT_JOINT_FRACTION and "joint" not in strategies:
-        raise UserError(f"--joint-fraction applies to --strategy joint (or all), not {strategy}")
     if epochs is not None and epochs < 1:
         raise UserError(f"--epochs {epochs}: must be >= 1")
     if lr_factor is not None and not lr_factor > 0:
@@ -84,10 +85,10 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
         raise UserError(f"{exp.path}: cannot tell which dataset the model was trained on; pass --source-dataset NAME")
     src = datasets.load(src_name, data_root)
     tgt = datasets.load(to, data_root)
-    if src.sha256 == tgt.sha256:
-        raise UserError(f"--to {to}: that is the dataset the model was trained on ({src.name}); transfer measures "
-                        "another dataset, e.g. --to rafdb")
     _check_compatible(src, tgt, state, ckpt_path)
+    if src.meta["files"]["images.npy"] == tgt.meta["files"]["images.npy"]:  # the same images, whatever the name
+        raise UserError(f"--to {to}: those are the images the model was trained on ({src.name}); transfer measures "
+                        "another dataset, e.g. --to rafdb")
     if len(final_meta.get("ensembles") or []) and not checkpoint:
         log(f"note: final/ scores an ensemble of {len({m.get('rank') for m in final_meta['models']})} configs; "
             f"transfer fine-tunes one network, the one with the best val score: {ckpt_path.parent.name}")
