@@ -302,7 +302,7 @@ def test_retrain_metrics_agree_with_the_confusion_matrices(seeded):
         (m["dataset"]["classes"][1], m["dataset"]["classes"][6], "42.9", "30 of 70 predictions: 2 models x 35 images"),
         (m["dataset"]["classes"][0], m["dataset"]["classes"][3], "20.0", "10 of 50 predictions: 2 models x 25 images")]
     m["final"]["kind"] = "ensemble of the top 2 configs (softmax average)"  # --top-k 2 --seeds 2: one row per ensemble
-    assert "(30 of 70 predictions: 2 ensembles x 35 images)" in retrain_mod.final_markdown(m, {"cm": "", "f1": ""})
+    assert "(30 of 70 predictions: 2 ensembles x 35 images)" in retrain_mod.final_markdown(m, {"cm": "", "f1": "", "curves": ""})
 
 
 def test_top_k_ensemble_averages_the_softmax_of_the_k_best(toy_fer, tmp_path, monkeypatch):
