@@ -299,13 +299,14 @@ def env(**values: str):
 
 
 @contextmanager
-def exit_if_the_instance_ends(daemons: list[tuple[str, int]], on_lost, poll_s: float = 0.5):
+def exit_if_the_instance_ends(daemons: list[tuple[str, int]], on_lost, poll_s: float = 0.05):
     """A SIGTERM to the whole process group or cgroup (Slurm, systemd, `kill -- -PGID`) also ends
     the daemons of the local Ray instance this driver started. The driver is then blocked inside
     Ray's client, where no Python signal handler runs, until Ray ends the process 60 s later
     ("Failed to connect to GCS within 60 seconds") without writing anything. So a thread watches
     `daemons` (from `ray_processes()` right after the start): when one has ended, it calls `on_lost`
-    (which writes what the driver knows) and exits 130 at once."""
+    (which writes what the driver knows) and exits 130 at once. Ray's own client sometimes ends the
+    process first (exit 1) once the raylet is gone, so the watch is frequent (a few /proc reads)."""
     if not daemons:
         yield
         return

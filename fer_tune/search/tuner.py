@@ -683,14 +683,17 @@ def git_commit() -> str | None:
 def _lost_ray(tables: TablesCallback, work_dir: Path, name: str, exp_path: str) -> None:
     """The local Ray instance ended under the search (a signal to the whole process group): write the
     tables from what the driver knows (trials then running stay `running`) and say how to continue."""
+    # The hint first: Ray's client may end the process any moment now (the tables on disk are at most
+    # one refresh old, and --resume works from Tune's own snapshot either way).
+    print(f"fer-tune: interrupted: this search's Ray instance ended (its processes were stopped, e.g. by a signal "
+          f"to the whole process group); continue with `{resume_command(name, exp_path)}`", file=sys.stderr,
+          flush=True)
     try:
-        tables.write(tables.trials)
         record = yaml.safe_load((work_dir / "search.yaml").read_text())
         _write_yaml(work_dir / "search.yaml", {**record, "status": "interrupted"})
+        tables.write(tables.trials)
     except Exception as exc:  # nothing more can be saved; say so and still leave
         print(f"fer-tune: could not write the tables ({exc})", file=sys.stderr)
-    print(f"fer-tune: interrupted: this search's Ray instance ended (its processes were stopped, e.g. by a signal "
-          f"to the whole process group); continue with `{resume_command(name, exp_path)}`", file=sys.stderr)
 
 
 def _write_yaml(path: Path, payload: dict, keep_from: Path | None = None) -> None:
