@@ -204,14 +204,13 @@ def decode_images(
                 problems[i] = str(exc)
 
     _run_chunks(decode_range, len(members))
+    if len(problems) == 1:
+        raise UserError(*problems.values())
     if problems:
-        listed = [problems[i] for i in sorted(problems)]
-        if len(listed) == 1:
-            raise UserError(listed[0])
-        shown = [text.removesuffix(REMEDY) for text in listed[:MAX_LISTED]]
-        rest = [members[i] for i in sorted(problems)[MAX_LISTED:]]
-        more = f" | and {', '.join(source.where(m) for m in rest)}" if rest else ""
-        raise UserError(f"{len(listed)} images cannot be used, remove or replace them: " + " | ".join(shown) + more)
+        bad = sorted(problems)
+        shown = [problems[i].removesuffix(REMEDY) for i in bad[:MAX_LISTED]]
+        more = f" | and {', '.join(source.where(members[i]) for i in bad[MAX_LISTED:])}" if bad[MAX_LISTED:] else ""
+        raise UserError(f"{len(bad)} images cannot be used, remove or replace them: " + " | ".join(shown) + more)
     return images, hashes
 
 
