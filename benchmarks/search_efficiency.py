@@ -117,10 +117,12 @@ def main(argv=None) -> int:
                 med = statistics.median(startup) if startup else float("nan")
                 print(f"  {executor:<7} {med:6.1f} s   (each: {', '.join(f'{s:.1f}' for s in startup)})", flush=True)
                 figures[f"startup_{executor}_s"] = med
-            floor = train_floor(args.overhead_trials, storage)
-            print(f"  Ray Train's floor (empty train function, one trial at a time) {statistics.median(floor):.1f} s   "
-                  f"(each: {', '.join(f'{s:.1f}' for s in floor)})", flush=True)
-            figures["startup_train_floor_s"] = statistics.median(floor)
+            floors = train_floor(args.overhead_trials, storage)
+            for name, floor in floors.items():
+                print(f"  Ray Train's floor, {name} (empty train function, one trial at a time) "
+                      f"{statistics.median(floor):.1f} s   (each: {', '.join(f'{s:.1f}' for s in floor)})", flush=True)
+            figures["startup_train_floor_s"] = statistics.median(floors["no process group"])
+            figures["startup_train_floor_gloo_s"] = statistics.median(floors["gloo process group"])
             if not runs:
                 return finish(args, figures)
 
@@ -299,23 +301,25 @@ class StopAfter(MemoryReporter):
         return len(self.history) >= self.epochs
 
 
-def train_floor(trials: int, storage: Path) -> list[float]:
+def train_floor(trials: int, storage: Path) -> dict[str, list[float]]:
     """Seconds from trial start to first report for trials of the train executor itself
     (`train_trial`: a driver trial with no CPU of its own running a 1-worker TorchTrainer) whose
     worker reports at once instead of training: what Ray Train costs before any of our code runs.
-    One trial at a time."""
+    One trial at a time, alternating the product's one-worker set-up (no torch.distributed process
+    group) with TorchTrainer's default (a gloo process group, as up to commit "one-worker Ray Train
+    runs without a process group"), so both meet the same machine."""
     import ray.train
     from ray import tune
+    from ray.train.torch import TorchConfig
 
     from fer_tune.search.trainable import TrialSetup, train_trial
 
     setup = TrialSetup(space=None, epochs=1, seed=0, train_storage=str(storage / "floor-train"))
 
     def empty(config):
-        ray.train.report({"epoch": 1})
+        import torch  # noqa: F401  (every real worker imports it; without a process group nothing else does)
 
-    def trial(config):
-        train_trial(config, setup, [None], worker=empty)
+        ray.train.report({"epoch": 1})
 
     class FirstReport(tune.Callback):
         def __init__(self):
@@ -327,13 +331,21 @@ def train_floor(trials: int, storage: Path) -> list[float]:
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.startup.append(time.time() - self.started.pop(trial.trial_id))
 
-    timer = FirstReport()
-    with cluster.env(RAY_AIR_NEW_OUTPUT="0"):  # no configuration box
-        tune.Tuner(tune.with_resources(trial, {"cpu": 0, "memory": 64 * 2**20}),  # as the train executor's trials
-                   tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1),
-                   run_config=tune.RunConfig(name=f"floor-{int(time.time())}", storage_path=str(storage),
-                                             callbacks=[timer], verbose=0)).fit()
-    return timer.startup
+    variants = {"no process group": None, "gloo process group": TorchConfig()}
+    startup = {name: [] for name in variants}
+    for i in range(trials):
+        for name, group in variants.items():
+            def trial(config, group=group):
+                train_trial(config, setup, [None], worker=empty, process_group=group)
+
+            timer = FirstReport()
+            with cluster.env(RAY_AIR_NEW_OUTPUT="0"):  # no configuration box
+                tune.Tuner(tune.with_resources(trial, {"cpu": 0, "memory": 64 * 2**20}),  # as the train executor's trials
+                           tune_config=tune.TuneConfig(num_samples=1),
+                           run_config=tune.RunConfig(name=f"floor-{i}-{int(time.time())}", storage_path=str(storage),
+                                                     callbacks=[timer], verbose=0)).fit()
+            startup[name] += timer.startup
+    return startup
 
 
 def summary_concurrency(exp: Path) -> float:

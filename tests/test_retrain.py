@@ -534,6 +534,7 @@ def test_screen_retrains_the_config_that_did_best_in_its_short_run(toy_fer, tmp_
     report = (final / "report.md").read_text()
     assert "## Screening" in report and f"rank {screen['chosen_rank']}, best by val_acc, retrained" in \
         m["protocol"]["screen"]
+    assert f"Rank {screen['chosen_rank']} (trial `{model['trial_id']}`), as retrained:" in report
 
 
 def test_screen_flags(toy_fer, tmp_path):

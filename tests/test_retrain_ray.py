@@ -50,3 +50,17 @@ def test_seeds_as_ray_train_runs_match_local_runs(tmp_path):
         assert remote["val"] == {k: v for k, v in local.best.items() if k.startswith("val_")}
         row = (final / "runs" / spec.name / "metrics.csv").read_text().splitlines()[1].split(",")
         assert float(row[1]) == local.history[0]["train_loss"] and float(row[4]) == local.history[0]["val_acc"]
+
+
+def test_a_run_larger_than_the_machine_is_refused(tmp_path):
+    """--address local with --cpus-per-run over the machine's CPUs: one line naming the flags, instead
+    of a Train run whose worker group waits for ever; no final/ and no Ray left running."""
+    import ray
+
+    from fer_tune.errors import UserError
+
+    ds = prepare_toy_fer(tmp_path)
+    exp = make_experiment(tmp_path / "results", ds)
+    with pytest.raises(UserError, match=r"one retrain run needs 64 CPUs .* lower --cpus-per-run/--gpus-per-run"):
+        retrain(exp, data_root=tmp_path / "data", epochs=1, address="local", cpus_per_run=64, **QUIET)
+    assert not ray.is_initialized() and not (exp / "final").exists() and not list(exp.glob(".tmp-final-*"))

@@ -270,6 +270,29 @@ def test_ctrl_c_stops_cleanly_and_writes_the_tables(ray_instance, toy_prepared, 
         assert len(after) == 12 and set(after["status"]) <= {"completed", "stopped early"}, out
 
 
+def test_one_worker_train_trial_runs_without_a_process_group(ray_instance, tmp_path):
+    """A one-worker Ray Train trial skips torch.distributed's process group (its set-up cost about
+    3 s per trial; the DDP test below trains with one): the worker sees none, and reports reach Tune."""
+    from ray import tune
+
+    from fer_tune.search.trainable import TrialSetup, train_trial
+
+    setup = TrialSetup(space=None, epochs=1, seed=0, workers=1, train_storage=str(tmp_path / "train"))
+
+    def worker(config):
+        import ray.train
+        import torch.distributed as dist
+
+        ray.train.report({"epoch": 1, "process_group": dist.is_initialized()})
+
+    def trial(config):
+        train_trial(config, setup, [None], worker=worker)
+
+    grid = tune.Tuner(tune.with_resources(trial, {"cpu": 0, "memory": 64 * 2**20}), tune_config=tune.TuneConfig(num_samples=1),
+                      run_config=tune.RunConfig(name="one-worker", storage_path=str(tmp_path), verbose=0)).fit()
+    assert grid[0].error is None and grid[0].metrics["process_group"] is False
+
+
 def test_multi_worker_trial_trains_data_parallel(ray_instance, tiny_data, tmp_path):
     """--workers-per-trial 2: one Ray Train run with two DDP workers, each on its shard."""
     space = parse_space({"max_epochs": 2, "grace_period": 2, "reduction_factor": 2, **TINY, "lr": 0.01}, name="ddp")

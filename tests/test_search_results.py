@@ -1,6 +1,7 @@
 """The trial tables and `fer-tune trials` / `board` (no Ray run: rows from stand-in trials)."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -62,6 +63,11 @@ def test_status_best_last_and_error_of_each_trial():
     assert list(table["trial_id"]) == ["f", "a", "d", "b", "c", "e"]  # best val_acc first, no metric last
     assert list(table.columns[:6]) == ["trial_id", "status", "epochs", "optimizer", "lr", "momentum"]
     assert results.best_row(table, "val_acc")["trial_id"] == "f"
+    # A trial that failed after its best epoch is not the best config (retrain leaves it out too)
+    diverged = fake_trial("h", "ERROR", 3, [0.2, 0.9, 0.1], error=RuntimeError("TrainingDiverged: nan"))
+    with_failed = results.build_table(rows_for(trials + [diverged], {"a", "b", "c", "h"}), "val_acc", "max")
+    assert with_failed.iloc[0]["trial_id"] == "h" and results.best_row(with_failed, "val_acc")["trial_id"] == "f"
+    assert results.best_row(with_failed[with_failed.status == "failed"], "val_acc") is None
     by_loss = results.build_table(rows.values(), "val_loss", "min")
     assert by_loss.iloc[0]["trial_id"] == "b"
 
@@ -337,3 +343,18 @@ def test_resume_names_the_flags_it_ignores(monkeypatch, capsys, tmp_path):
     assert tuner.resume_ignored(record, {"space": "search_spaces/smoke.yaml", "max_epochs": 3}) == []
     assert tuner.resume_ignored(record, seen["resume_flags"]) == ["--space cnn", "--trials 8", "--dataset rafdb",
                                                                   "--no-early-stopping"]
+
+
+def test_a_failed_table_write_keeps_the_old_table_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "trials.csv"
+    target.write_text("old")
+
+    def half_then_fail(path):
+        Path(path).write_text("half")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        results._atomic(target, half_then_fail)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["trials.csv"]
+    results._atomic(target, lambda p: Path(p).write_text("new"))
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["trials.csv"]

@@ -166,7 +166,8 @@ def test_time_budget_sizes_the_epochs(toy_data):
 def test_fine_tuning_from_weights_with_frozen_layers(toy_data, how):
     base = fit(TrainConfig(**{**FAST, "epochs": 1, "model": "cnn4_l2"}), toy_data)
     tuned = fit(TrainConfig(**{**FAST, "epochs": 1, "model": "cnn4_l2", "freeze": how}), toy_data,
-                init_state=base.best_state)
+                init={"model": base.best_state, "norm": (0.3, 0.2)})
+    assert tuned.norm == (0.3, 0.2) != base.norm  # the weights' own input normalisation, not the new data's
     before, after = base.best_state, tuned.best_state
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert "head.3.weight" in changed  # the classifier always trains (cnn4_l2: Linear, ReLU, Dropout, Linear)

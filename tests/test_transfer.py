@@ -86,7 +86,10 @@ def test_transfer_all_strategies(world, monkeypatch):
     assert mix["target_images"] == 480 and abs(mix["source_fraction"] - 0.5) < 0.02
     # Freezing: the frozen parameters kept the source model's values, the others moved.
     out = exp / "transfer"
-    source = load_checkpoint(exp / "final" / "runs" / "rank1-seed0" / "best.pt")["model"]
+    source_state = load_checkpoint(exp / "final" / "runs" / "rank1-seed0" / "best.pt")
+    source = source_state["model"]
+    # Every fine-tuned network keeps the input normalisation its weights were trained with
+    assert {tuple(load_checkpoint(out / s / "best.pt")["norm"]) for s in m["strategies"]} == {tuple(source_state["norm"])}
     model, _ = model_from_checkpoint(load_checkpoint(out / "linear-probe" / "best.pt"))
     head = {n for n, p in model.named_parameters() if any(p is q for q in classifier_of(model).parameters())}
     tuned = {n: p for n, p in model.named_parameters()}

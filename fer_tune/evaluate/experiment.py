@@ -18,7 +18,7 @@ import yaml
 
 from fer_tune.errors import UserError
 from fer_tune.search.results import plain_value
-from fer_tune.train.config import TrainConfig, fold_model_kwargs
+from fer_tune.train.config import TrainConfig, fold_model_kwargs, lower_is_better
 
 # Columns of the trial table that are not hyperparameters.
 NOT_PARAMS = {"trial_id", "status", "epochs", "wall_s", "startup_s", "failures", "node_ip", "node_id", "error",
@@ -76,7 +76,7 @@ def read_experiment(target: str | Path | None, storage: str | Path = "results") 
     dataset = record.get("dataset") or {}
     flags = record.get("flags") or {}
     metric = space.get("metric") or best.get("metric") or "val_acc"
-    mode = space.get("mode") or best.get("mode") or ("min" if metric.endswith("_loss") else "max")
+    mode = space.get("mode") or best.get("mode") or ("min" if lower_is_better(metric) else "max")
     max_epochs = space.get("max_epochs")
     if max_epochs is None and len(table) and "epochs" in table.columns:
         max_epochs = int(table["epochs"].max())  # the longest trial: what ASHA let survive

@@ -60,11 +60,6 @@ def plot_learning_curves(histories: dict[str, list[dict]], path: Path, title: st
     return _save(fig, path)
 
 
-def plot_confusion(cm, classes: Sequence[str], path: Path, title: str = "Confusion matrix") -> Path:
-    """One row-normalized confusion matrix (see `plot_confusions`)."""
-    return plot_confusions({title: cm}, classes, path)
-
-
 def plot_confusions(panels: dict[str, object], classes: Sequence[str], path: Path, title: str | None = None,
                     columns: int = 3) -> Path:
     """Row-normalized confusion matrices side by side (each true class sums to 100 %): the share in
@@ -214,18 +209,9 @@ def pm(stats: dict | None, digits: int = 4) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f} (n={n})"
 
 
-def per_class_table(scores: dict, other: dict | None = None, other_name: str = "") -> str:
-    headers = ["class", "precision", "recall", "F1", "support"]
-    if other:
-        headers += [f"F1 {other_name}", f"support {other_name}"]
-    rows = []
-    for name, s in scores["per_class"].items():
-        row = [name, s["precision"], s["recall"], s["f1"], s["support"]]
-        if other:
-            o = other["per_class"].get(name, {})
-            row += [o.get("f1"), o.get("support")]
-        rows.append(row)
-    return md_table(headers, rows)
+def per_class_table(scores: dict) -> str:
+    rows = [[name, s["precision"], s["recall"], s["f1"], s["support"]] for name, s in scores["per_class"].items()]
+    return md_table(["class", "precision", "recall", "F1", "support"], rows)
 
 
 def top_confusions(cm, classes: Sequence[str], k: int = 3) -> list[tuple[str, str, float, int]]:

@@ -54,6 +54,7 @@ from fer_tune.train.report import RunFolderReporter
 from fer_tune.train.runtime import applied_tta, tta_description, tta_mode_described
 
 DEFAULT_EPOCH_FACTOR = 2.0
+BUDGET_EPOCH_CAP = 100_000  # with a time budget the loop sizes the epochs (timing real steps); this only caps them
 DEFAULT_SCREEN_BUDGET = 600.0  # seconds per screened config without --time-budget
 SUBSETS = ("all", "no_train_copy")
 
@@ -217,7 +218,7 @@ def screen_configs(ranked: list[RankedConfig], data: TrainData, screen_dir: Path
     ranks configs by short trials on a subset, and which one wins an hour-long run can differ
     (README, the CPU-sized search). Val only; the test split is not read. The runs' folders stay
     under `screen_dir` (curves, no checkpoint: they are not final models)."""
-    specs = plan_runs(ranked, 1, 100_000, budget, subset, overrides, first_seed)
+    specs = plan_runs(ranked, 1, BUDGET_EPOCH_CAP, budget, subset, overrides, first_seed)
     runs = train_runs(specs, data, screen_dir, log=log, **train_opts)
     metric = runs[0].config.select_metric
     winner = max(runs, key=lambda r: selection_sign(metric) * r.best[metric])  # as the loop picks its best epoch
@@ -276,8 +277,6 @@ RUN_RECORD = "run.json"  # what a Ray Train run sends back beside its run folder
 def _train_worker(config: dict) -> None:
     """Ray Train worker of one retrain run: `run_one` into a temp folder, which goes back to the
     driver as the run's checkpoint (Train uploads it to the run's storage)."""
-    import json
-
     import ray
     import ray.train
     import ray.train.torch
@@ -300,19 +299,19 @@ def _train_worker(config: dict) -> None:
 def _train_run(spec: RunSpec, data_ref: list, storage: str, cpus: float, gpus: float, lines=None) -> dict:
     """Body of the Ray task that drives one retrain run: a one-worker `TorchTrainer` (Ray Train
     V2), whose checkpoint (the run folder) comes back as file contents."""
-    import json
     import uuid
 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from fer_tune.search.trainable import worker_cause, worker_error
+    from fer_tune.search.trainable import torch_config, worker_cause, worker_error
 
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"spec": spec, "data": data_ref, "threads": int(cpus), "use_gpu": gpus > 0,
                            "lines": lines},
+        torch_config=torch_config(1),
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=f"{spec.name}-{uuid.uuid4().hex[:8]}", storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=0)),
@@ -351,6 +350,8 @@ def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, storage, cloud, lo
     local_storage = lines = None
     try:
         capacity = cluster.cluster_capacity()
+        cluster.check_fits(capacity, 1, cpus, gpus, None if address == "local" else address,
+                           what="one retrain run", flags="--cpus-per-run/--gpus-per-run")
         if cloud:
             train_storage = f"{cloud}/retrain_runs"
         else:
@@ -382,7 +383,7 @@ def _train_on_ray(specs, data, runs_dir, address, cpus, gpus, storage, cloud, lo
             spec = pending.pop(done[0])
             try:
                 payload = ray.get(done[0])
-            except ray.exceptions.RayTaskError as exc:
+            except ray.exceptions.RayError as exc:  # the run's error, or its driver's worker or node died
                 for ref in pending:
                     ray.cancel(ref, force=True)
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
@@ -634,9 +635,7 @@ def final_markdown(m: dict, plots: dict) -> str:
         counts = d["counts"]
         rows = [[s, *(counts[s].get(c, 0) for c in classes), sum(counts[s].values())] for s in counts]
         lines += [rep.md_table(["split", *classes, "total"], rows), ""]
-    lines += ["## Configuration", "", f"Rank 1 (trial `{first['trial_id']}`), as retrained:", "", "```yaml"]
-    import yaml
-
+    lines += ["## Configuration", "", f"Rank {first['rank']} (trial `{first['trial_id']}`), as retrained:", "", "```yaml"]
     cfg = dict(m["models"][0]["config"])
     lines += [yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", ""]
     lines += [f"Made by `fer-tune retrain` in {m['seconds']:.0f} s on {m['created']}; all numbers are in "
@@ -706,8 +705,7 @@ def _epochs(exp: Experiment, epochs, factor, time_budget) -> tuple[int, str]:
         budget = f", time budget {time_budget:.0f} s per run" if time_budget else ""
         return int(epochs), f"{epochs} (--epochs){budget}"
     if time_budget:
-        # The loop sizes the epochs to the budget by timing real steps; this is only the cap.
-        return 100_000, f"as many as fit in {time_budget:.0f} s per run (--time-budget)"
+        return BUDGET_EPOCH_CAP, f"as many as fit in {time_budget:.0f} s per run (--time-budget)"
     if not exp.max_epochs:
         raise UserError(f"{exp.path}: search.yaml has no max_epochs to scale; pass --epochs N")
     n = max(1, int(round(exp.max_epochs * factor)))

@@ -6,7 +6,7 @@ dataset, and what fine-tuning on it costs on the original one.
 
 1. zero-shot: the final model of `<experiment>/final/` on the target's test split;
 2. fine-tuning on the target's train split (its val split selects the epoch), from the final
-   model's weights (`fit(init_state=...)`), with a strategy:
+   model's weights (`fit(init=...)`, which keeps its input normalisation), with a strategy:
    - `full`: every layer trains (lr x 0.1 of the searched lr);
    - `freeze-lower`: the lower half of the feature extractor is frozen (`TrainConfig.freeze="lower"`);
    - `linear-probe`: only the classifier trains (`freeze="backbone"`, lr x 1);
@@ -110,7 +110,7 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
                 + (f", {mix['source_images']} of them from {src.name}" if mix else "") + ")")
             t_run = time.time()
             result = fit(cfg, data, RunFolderReporter(out / name, progress=progress), device=device,
-                         init_state=state["model"])
+                         init=state)
             (out / name / "last.pt").unlink(missing_ok=True)
             (out / name / "config.yaml").write_text(result.config.to_yaml())
             runs[name] = {"result": result, "mix": mix, "seconds": time.time() - t_run}

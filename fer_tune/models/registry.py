@@ -162,6 +162,11 @@ def _builder(name: str) -> Callable[..., nn.Module]:
                     f"or timm/<name> for any timm model")
 
 
+def model_arguments(name: str) -> list[str] | None:
+    """The extra keyword arguments a built-in model accepts (None for timm models: timm checks its own)."""
+    return None if name.startswith(TIMM_PREFIX) else _extra_args(_builder(name))
+
+
 def _extra_args(builder: Callable[..., nn.Module]) -> list[str]:
     params = inspect.signature(builder).parameters
     return [p for p in params if p not in COMMON_ARGS]

@@ -91,7 +91,7 @@ class TablesCallback(Callback):
             if trial is not None:
                 try:
                     configs[trial.trial_id] = self.trial_setup.config(trial.config).to_dict()
-                except Exception:
+                except Exception:  # never end a search over its table: retrain rebuilds the config from the row
                     pass
         results.write_tables(folder, frame, metric=self.metric, mode=self.mode, configs=configs)
         self._last_write = time.time()

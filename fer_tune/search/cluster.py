@@ -26,8 +26,7 @@ from fer_tune.errors import UserError, first_line
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-            quiet: bool = True) -> bool:
+def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> bool:
     """Start a local Ray instance (address None) or join a cluster ("auto", "ray://host:10001",
     "host:6379"). Returns True when this call started Ray (the caller shuts it down)."""
     import ray
@@ -35,7 +34,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     if ray.is_initialized():
         return False
     with _keeping_sigterm_handler():
-        return _connect(ray, address, num_cpus, num_gpus, quiet)
+        return _connect(ray, address, num_cpus, quiet)
 
 
 @contextmanager
@@ -53,7 +52,7 @@ def _keeping_sigterm_handler():
             signal.signal(signal.SIGTERM, handler)
 
 
-def _connect(ray, address, num_cpus, num_gpus, quiet) -> bool:
+def _connect(ray, address, num_cpus, quiet) -> bool:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs = dict(log_to_driver=not quiet, configure_logging=True, logging_level="ERROR" if quiet else "INFO")
     if address:
@@ -74,7 +73,7 @@ def _connect(ray, address, num_cpus, num_gpus, quiet) -> bool:
         raise UserError(f"Ray is already running on this machine ({name} pid {pid}), and a second local instance "
                         f"beside it can cost both their Ray Train workers: join it with --address auto (a `ray start` "
                         f"cluster), or let the other command finish (or `ray stop` it) and run again")
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     return True
 
 
@@ -228,15 +227,17 @@ def max_concurrency(capacity: dict[str, float], workers: int, cpus: float, gpus:
     return max(1, min(fits)) if fits else 1
 
 
-def check_fits(capacity: dict[str, float], workers: int, cpus: float, gpus: float, address: str | None) -> None:
-    """One trial must fit the cluster (a local instance cannot grow)."""
+def check_fits(capacity: dict[str, float], workers: int, cpus: float, gpus: float, address: str | None, *,
+               what: str = "one trial", flags: str = "--workers-per-trial/--cpus-per-trial/--gpus-per-trial") -> None:
+    """One trial (or retrain run) must fit the cluster: a local instance cannot grow, and a Train run
+    whose worker group can never be placed waits without end."""
     if address:
         return  # an autoscaling cluster may add nodes
     need_cpu, need_gpu = workers * cpus, workers * gpus
     if need_cpu > capacity["CPU"] + 1e-9 or need_gpu > capacity["GPU"] + 1e-9:
-        raise UserError(f"one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs ({workers} worker(s) x "
+        raise UserError(f"{what} needs {need_cpu:g} CPUs and {need_gpu:g} GPUs ({workers} worker(s) x "
                         f"{cpus:g} CPU, {gpus:g} GPU) but this machine has {capacity['CPU']:g} CPUs and "
-                        f"{capacity['GPU']:g} GPUs; lower --workers-per-trial/--cpus-per-trial/--gpus-per-trial")
+                        f"{capacity['GPU']:g} GPUs; lower {flags}")
 
 
 def alive_nodes() -> int:

@@ -13,21 +13,19 @@ import json
 import math
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 
 from fer_tune.errors import UserError
+from fer_tune.train.config import lower_is_better
 from fer_tune.train.report import METRIC_NAMES
 
 TABLE_METRICS = tuple(m for m in METRIC_NAMES if m != "epoch")
 FIRST_COLUMNS = ("trial_id", "status", "epochs")
 FORMATS = ("table", "csv", "json", "markdown")
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.endswith("_loss") or metric.endswith("_seconds")
 
 
 # -- rows from Tune's trials --------------------------------------------------------------------
@@ -86,10 +84,13 @@ def error_text(trial) -> str:
         if path and os.path.isfile(path):
             text = Path(path).read_text(errors="replace")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for marker in ("TrialFailed: ", "TrainingDiverged: "):
+    # Our own errors first: the text after "TrialFailed: " (already "Type: message"), else from
+    # "TrainingDiverged: " on.
+    for marker, keep_marker in (("TrialFailed: ", False), ("TrainingDiverged: ", True)):
         for line in reversed(lines):
             if marker in line:
-                return line[line.index(marker) + (len(marker) if marker == "TrialFailed: " else 0):][:500]
+                start = line.index(marker) + (0 if keep_marker else len(marker))
+                return line[start:][:500]
     for i in range(len(lines) - 1, -1, -1):
         match = EXCEPTION_LINE.match(lines[i])
         if match:
@@ -173,11 +174,13 @@ def write_tables(exp_dir: str | Path, df: pd.DataFrame, *, metric: str, mode: st
 
 
 def best_row(df: pd.DataFrame, metric: str) -> dict | None:
+    """The first row (the table is sorted best first) with a value of the metric, failed trials left
+    out as `retrain` leaves them out: a trial that diverged after good epochs is not the best config."""
     key = f"best_{metric}"
-    if df.empty or key not in df.columns or df[key].isna().all():
+    if df.empty or key not in df.columns:
         return None
-    row = df[df[key].notna()].iloc[0].to_dict()
-    return {k: plain_value(v) for k, v in row.items()}
+    ok = df[df[key].notna() & (df["status"] != "failed" if "status" in df.columns else True)]
+    return None if ok.empty else {k: plain_value(v) for k, v in ok.iloc[0].to_dict().items()}
 
 
 def _to_parquet(df: pd.DataFrame, path: str) -> None:
@@ -191,9 +194,16 @@ def _to_parquet(df: pd.DataFrame, path: str) -> None:
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, path)
+    """`write(temp path)`, then the temp file renamed over `path`; a temp file of its own per call
+    (the instance watcher's thread and a Tune callback may write the same table at once), removed
+    when the write fails."""
+    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"))  # not mkstemp: its files are 0600
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def plain_value(value: Any) -> Any:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,8 @@ from typing import Any
 import yaml
 
 from fer_tune.errors import UserError
-from fer_tune.train.config import CLASS_WEIGHTS, MODEL_KW, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig, read_user_yaml
+from fer_tune.train.config import (CLASS_WEIGHTS, MODEL_KW, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig,
+                                    lower_is_better, read_user_yaml)
 from fer_tune.train.report import METRIC_NAMES
 
 # search_spaces/ of the repository (a clone, an editable install); an installed wheel carries the
@@ -325,7 +325,7 @@ def parse_space(raw: Any, name: str = "space", source: str = "") -> SearchSpace:
 
 
 def default_mode(metric: str) -> str:
-    return "min" if metric.endswith("_loss") or metric.endswith("_seconds") else "max"
+    return "min" if lower_is_better(metric) else "max"
 
 
 def _check_meta(space: SearchSpace, where: str) -> None:
@@ -459,8 +459,10 @@ def _check_values(param: Param, space: SearchSpace, where: str) -> None:
         args = [name[len(MODEL_KW):]] if name.startswith(MODEL_KW) else list(param.args or {})
         if name == "model_kwargs" and not isinstance(param.args, dict):
             raise UserError(f"{where}: model_kwargs must be a mapping of model arguments, got {param.args!r}")
+        from fer_tune.models import model_arguments
+
         for model in _models_for(param, space):
-            accepted = model_arguments(model)
+            accepted = model_arguments(model)  # the model names were checked above
             if accepted is None:
                 continue  # timm: checked when the model is built
             for arg in args:
@@ -515,16 +517,6 @@ def _check_model(model: Any, where: str) -> None:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UserError(f"{where}: model: unknown model {model!r}{hint}; choose from {', '.join(list_models())}, "
                         f"or timm/<name>")
-
-
-def model_arguments(model: str) -> list[str] | None:
-    """The extra keyword arguments a built-in model accepts (None for timm models)."""
-    if model.startswith("timm/"):
-        return None
-    from fer_tune.models import registry
-
-    builder = registry._builders[model]
-    return [p for p in inspect.signature(builder).parameters if p not in registry.COMMON_ARGS]
 
 
 def _token(value: Any) -> Any:

@@ -3,7 +3,8 @@
 Two executors run the same `fit` with the same `RayReporter`:
 
 * `train` (default): the Tune trial is a small driver (`train_trial`, no CPU of its own) that runs a
-  Ray Train `TorchTrainer` with `workers` workers (>1 = DDP, each worker its shard). Workers report
+  Ray Train `TorchTrainer` with `workers` workers (>1 = DDP, each worker its shard; one worker
+  trains without torch.distributed's process group, see `torch_config`). Workers report
   with `ray.train.report`; `TuneReportCallback` forwards rank 0's metrics to Tune. Train keeps the
   trial's checkpoints under `<experiment>/train_runs/<trial_id>` and restores the latest one when
   the trial is restarted (retry or `--resume`).
@@ -17,6 +18,7 @@ passes the reference instead of resolving it) and `ray.get` it zero-copy from th
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import warnings
@@ -48,7 +50,6 @@ class TrialSetup:
     # Ray's own deletion of older checkpoints: None (keep all) with local storage, where
     # CheckpointCleanup deletes them once no resume can ask for them; 2 with a URI storage.
     num_to_keep: int | None = None
-    device: str | None = None
     # On --resume: trials our table saw finish that Tune's last snapshot (<= 1 s older) still had
     # as running. trial id -> {"metrics": last reported metrics} or {"error": text}; such a trial
     # replays its end instead of training again.
@@ -164,9 +165,35 @@ def replay_finished(setup: TrialSetup) -> bool:
     return True
 
 
-def train_trial(params: dict, setup: TrialSetup, data_ref: list, worker=None) -> None:
+def torch_config(workers: int):
+    """The TorchTrainer's `torch_config`: torch.distributed's process group (gloo, or nccl on GPUs)
+    for data-parallel runs; none for a one-worker run, which has no peer to talk to. Setting it up
+    anyway cost a one-worker trial about 3 s of its start-up here (the benchmark's `--overhead-only`
+    times both), and `fit` then skips every all-reduce (`dist.is_initialized()` is false)."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig() if workers > 1 else _no_process_group()()
+
+
+@functools.cache
+def _no_process_group():
+    from ray.train.backend import Backend
+    from ray.train.torch import TorchConfig
+
+    class OneWorkerTorchConfig(TorchConfig):
+        """TorchConfig (its per-worker CUDA device set-up included) with Ray Train's no-op backend."""
+
+        @property
+        def backend_cls(self):
+            return Backend
+
+    return OneWorkerTorchConfig
+
+
+def train_trial(params: dict, setup: TrialSetup, data_ref: list, worker=None, process_group=None) -> None:
     """Tune function trainable of the train executor: one TorchTrainer run per trial, each worker
-    running `worker` (default `train_worker`; the benchmark times Ray Train's own cost with an empty one)."""
+    running `worker` (default `train_worker`; the benchmark times Ray Train's own cost with an empty
+    one, and with `process_group` a TorchConfig of its choice instead of `torch_config(workers)`)."""
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
@@ -183,6 +210,7 @@ def train_trial(params: dict, setup: TrialSetup, data_ref: list, worker=None) ->
     trainer = TorchTrainer(
         worker or train_worker,
         train_loop_config={"setup": setup, "params": params, "data": data_ref},
+        torch_config=torch_config(setup.workers) if process_group is None else process_group,
         scaling_config=ray.train.ScalingConfig(num_workers=setup.workers, use_gpu=setup.gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -244,8 +272,6 @@ def _node() -> dict[str, str]:
 
 
 def _device(setup: TrialSetup, api: str) -> str:
-    if setup.device:
-        return setup.device
     if setup.gpus_per_worker > 0:
         if api == "train":
             import ray.train.torch

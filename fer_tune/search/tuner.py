@@ -14,7 +14,6 @@ so a resumed search keeps what the sampler learned and `optuna.importance` can r
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -79,8 +78,7 @@ class SearchSummary:
         if self.best:
             lines.append(f"best: trial {self.best['trial_id']}  {self.metric} {self.best.get('best_' + self.metric):.4f}"
                          f"  ({self.best.get('epochs')} epoch{'s' * (self.best.get('epochs') != 1)})")
-            params = {k: v for k, v in (self.best_config or {}).items()}
-            lines.append("best config: " + json.dumps(params, default=str))
+            lines.append("best config: " + json.dumps(self.best_config or {}, default=str))
         lines.append(f"results: {self.path}  (fer-tune trials {self.path}; fer-tune board {self.path})")
         if self.interrupted:
             lines.append(f"interrupted: continue with `{resume_command(self.name, self.path)}`")
@@ -632,11 +630,7 @@ def _experiment_name(name: str | None, space: SearchSpace | None, storage: str, 
 def _resolve_data(data, subset: float, seed: int, data_root):
     """(TrainData, facts for search.yaml) from a TrainData or a prepared dataset's name."""
     if isinstance(data, TrainData):
-        if subset < 1.0:
-            from fer_tune.data import stratified_indices
-
-            keep = stratified_indices(data.train_y, subset, seed)
-            data = dataclasses.replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])
+        data = data.train_subset(subset, seed)
         info = {"name": "in-memory", "sha256": None}
     else:
         from fer_tune import data as datasets

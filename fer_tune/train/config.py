@@ -49,10 +49,15 @@ def read_user_yaml(path: Path) -> Any:
         raise UserError(f"{path}: {exc}") from None
 
 
+def lower_is_better(metric: str) -> bool:
+    """Losses and times are better smaller; every other metric (accuracy, F1, images/s) larger."""
+    return metric.endswith("_loss") or metric.endswith("_seconds")
+
+
 def selection_sign(metric: str) -> float:
     """+1 when a larger value of the selection metric is better, -1 when smaller is (val_loss):
     how every run's best epoch, and every choice between runs, is made."""
-    return -1.0 if metric == "val_loss" else 1.0
+    return -1.0 if lower_is_better(metric) else 1.0
 
 
 MODEL_KW = "model_kwargs."  # flat spelling of one model argument: model_kwargs.width

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -53,14 +53,17 @@ class TrainData:
     @classmethod
     def from_prepared(cls, dataset, subset: float = 1.0, seed: int = 0) -> "TrainData":
         """Train and val arrays of a prepared dataset; `subset` < 1 keeps a stratified slice of train."""
+        (train_x, train_y), (val_x, val_y) = dataset.arrays("train"), dataset.arrays("val")
+        return cls(train_x, train_y, val_x, val_y, tuple(dataset.classes)).train_subset(subset, seed)
+
+    def train_subset(self, fraction: float, seed: int) -> "TrainData":
+        """The same data with a seeded, stratified `fraction` of train (all of it at 1); val unchanged."""
+        if fraction >= 1.0:
+            return self
         from fer_tune.data import stratified_indices
 
-        train_x, train_y = dataset.arrays("train")
-        if subset < 1.0:
-            keep = stratified_indices(train_y, subset, seed)
-            train_x, train_y = train_x[keep], train_y[keep]
-        val_x, val_y = dataset.arrays("val")
-        return cls(train_x, train_y, val_x, val_y, tuple(dataset.classes))
+        keep = stratified_indices(self.train_y, fraction, seed)
+        return replace(self, train_x=self.train_x[keep], train_y=self.train_y[keep])
 
 
 @dataclass
@@ -89,11 +92,12 @@ def pixel_stats(images: np.ndarray) -> tuple[float, float]:
 
 def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
         device: str | torch.device | None = None, resume: dict | None = None,
-        init_state: dict | None = None) -> FitResult:
+        init: dict | None = None) -> FitResult:
     """Train one model as `cfg` says and return its history and best weights.
 
-    `resume` (a checkpoint dict) continues an interrupted run exactly; `init_state` (model weights)
-    starts a new run from trained weights, as fine-tuning does.
+    `resume` (a checkpoint dict) continues an interrupted run exactly; `init` (a checkpoint dict, or
+    any dict with its `model` weights and `norm`) starts a new run from trained weights, as
+    fine-tuning does, with the input normalisation those weights were trained with.
     """
     run_start = time.perf_counter()
     reporter = reporter or Reporter()
@@ -111,7 +115,8 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
     val_y = torch.as_tensor(np.asarray(data.val_y, dtype=np.int64)).to(device)
     num_classes = len(data.classes)
     in_chans, img_size = train_x.shape[1], train_x.shape[-1]
-    mean, std = tuple(resume["norm"]) if resume else pixel_stats(data.train_x)
+    start = resume or init
+    mean, std = tuple(start["norm"]) if start else pixel_stats(data.train_x)
     shard = len(train_x) // world
     steps_per_epoch = max(1, shard // cfg.batch_size)
     batch = min(cfg.batch_size, shard)
@@ -119,8 +124,8 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
     # 2. Model, optimizer, loss, schedule.
     model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, dropout=cfg.dropout,
                          img_size=img_size, pretrained=cfg.pretrained, **cfg.model_kwargs).to(device)
-    if init_state is not None:
-        model.load_state_dict(init_state)
+    if init is not None:
+        model.load_state_dict(init["model"])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     frozen = freeze_modules(model, cfg.freeze)
