@@ -358,3 +358,13 @@ def test_a_failed_table_write_keeps_the_old_table_and_leaves_no_temp_file(tmp_pa
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["trials.csv"]
     results._atomic(target, lambda p: Path(p).write_text("new"))
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["trials.csv"]
+
+
+def test_trials_reads_the_csv_when_the_parquet_is_damaged_and_says_when_both_are(experiment, capsys):
+    (experiment / "trials.parquet").write_bytes(b"PAR1 cut short")
+    assert main(["trials", str(experiment), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("t3,")  # best first, from trials.csv
+    (experiment / "trials.csv").write_bytes(b"\x00\xff")
+    assert main(["trials", str(experiment)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trials.csv: unreadable" in err and "--resume" in err

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from fer_tune.errors import UserError
-from fer_tune.search.results import plain_value
+from fer_tune.search.results import load_table, plain_value
 from fer_tune.train.config import TrainConfig, fold_model_kwargs, lower_is_better
 
 # Columns of the trial table that are not hyperparameters.
@@ -71,7 +71,7 @@ def read_experiment(target: str | Path | None, storage: str | Path = "results") 
     path = find_experiment(str(target) if target is not None else None, storage)
     record = _read_yaml(path / "search.yaml")
     best = _read_json(path / "best.json")
-    table = _read_table(path)
+    table = load_table(path, missing_ok=True)
     space = record.get("space") or {}
     dataset = record.get("dataset") or {}
     flags = record.get("flags") or {}
@@ -166,22 +166,6 @@ def _params_of(row: dict) -> dict:
                 pass
         out[key] = value
     return out
-
-
-def _read_table(path: Path):
-    """trials.parquet, else trials.csv (a damaged file falls back to the other); empty when neither."""
-    import pandas as pd
-
-    problem = None
-    for name, reader in (("trials.parquet", pd.read_parquet), ("trials.csv", pd.read_csv)):
-        if (path / name).is_file():
-            try:
-                return reader(path / name)
-            except Exception as exc:  # pyarrow/pandas raise many types for a damaged file
-                problem = f"{path / name}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    if problem:
-        raise UserError(f"{problem}; restore it, or re-run `fer-tune search --resume` to rewrite the table")
-    return pd.DataFrame()
 
 
 def _read_yaml(path: Path) -> dict:

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from fer_tune.errors import UserError
+from fer_tune.errors import UserError, first_line
 from fer_tune.train.config import lower_is_better
 from fer_tune.train.report import METRIC_NAMES
 
@@ -277,12 +277,21 @@ def _mtime(path: Path) -> float:
     return path.stat().st_mtime
 
 
-def load_table(exp_dir: str | Path) -> pd.DataFrame:
+def load_table(exp_dir: str | Path, *, missing_ok: bool = False) -> pd.DataFrame:
+    """trials.parquet, else trials.csv (a damaged file falls back to the other); with `missing_ok`
+    an empty table when neither exists."""
     exp_dir = Path(exp_dir)
-    if (exp_dir / "trials.parquet").is_file():
-        return pd.read_parquet(exp_dir / "trials.parquet")
-    if (exp_dir / "trials.csv").is_file():
-        return pd.read_csv(exp_dir / "trials.csv")
+    problem = None
+    for name, reader in (("trials.parquet", pd.read_parquet), ("trials.csv", pd.read_csv)):
+        if (exp_dir / name).is_file():
+            try:
+                return reader(exp_dir / name)
+            except Exception as exc:  # pyarrow/pandas raise many types for a damaged file
+                problem = f"{exp_dir / name}: unreadable ({first_line(exc)})"
+    if problem:
+        raise UserError(f"{problem}; restore it, or re-run `fer-tune search --resume` to rewrite the table")
+    if missing_ok:
+        return pd.DataFrame()
     raise UserError(f"{exp_dir}: no trials table yet (trials.csv appears when the first trial starts)")
 
 

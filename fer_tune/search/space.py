@@ -172,6 +172,8 @@ class Alternatives:
         return [c for b in self.branches for c in b.candidates()]
 
     def from_table(self, value: Any) -> Any:
+        """As the first branch that converts the value (`Param.from_table` returns another object,
+        e.g. 512 for 512.0) reads it back; unchanged when none does."""
         for b in self.branches:
             back = b.from_table(value)
             if back is not value:

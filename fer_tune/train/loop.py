@@ -73,7 +73,10 @@ class FitResult:
     best: dict  # metrics of the epoch selected by config.select_metric
     epochs_run: int
     stop_reason: str  # "completed", "early_stopped" or "stopped" (by the reporter, e.g. ASHA)
-    best_state: dict = field(repr=False)  # model weights of the best epoch, on the CPU
+    # Model weights of the best epoch, on the CPU. A resumed run's checkpoint holds its last weights
+    # only: if no later epoch beats the checkpoint's best, these are the weights it resumed from
+    # (the reporters' best.pt, written when the best epoch ran, is the best one either way).
+    best_state: dict = field(repr=False)
     norm: tuple[float, float] = (0.5, 0.25)
 
     @property
