@@ -27,6 +27,17 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 900, 15m, 1.5h)") from None
 
 
+def seed_value(text: str) -> int:
+    """A --seed: a whole number >= 0 (numpy's and torch's generators take no negative seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed: {text!r} (a whole number >= 0)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid seed: {value} (a whole number >= 0)")
+    return value
+
+
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 3e-4: a number YAML 1.1 reads as text
 
 
@@ -88,6 +99,7 @@ def cmd_train(args) -> None:
     from fer_tune import data
     from fer_tune.train import TrainConfig, TrainingDiverged
     from fer_tune.train.run import default_run_dir, train_run
+    from fer_tune.train.runtime import pick_device
 
     overrides = dict(args.set or [])
     overrides.update({k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
@@ -95,19 +107,27 @@ def cmd_train(args) -> None:
         cfg = TrainConfig.from_yaml(args.config, overrides)
     else:
         cfg = TrainConfig.from_dict(overrides, source="--set")  # the named flags are typed by argparse
+    device = pick_device(args.device)
     dataset = data.load(args.dataset, args.data_root)
     out = Path(args.out) if args.out else default_run_dir(args.results, cfg.model)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out}: already exists{'' if out.is_dir() else ' (a file)'}; a run writes into "
+                        "a new folder: give another --out, or remove that one")
     print(f"training {cfg.model} on {dataset.name} -> {out}")
-    fresh = not out.exists()
     try:
-        result = train_run(cfg, dataset, out, device=args.device, progress=not args.quiet)
+        result = train_run(cfg, dataset, out, device=device, progress=not args.quiet)
     except TrainingDiverged as exc:
-        if fresh:
-            shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
         raise RunFailed(f"{exc}; lower lr (or set grad_clip) and run again; nothing was kept in {out}") from None
-    except UserError:  # e.g. an unknown model or model argument, found when the model is built
-        if fresh:
+    except KeyboardInterrupt:  # keep a run that has a best epoch, else nothing
+        if (out / "best.pt").is_file():
+            print(f"fer-tune: stopped; kept {out} (best.pt, last.pt and metrics.csv of the epochs that ran)",
+                  file=sys.stderr)
+        else:
             shutil.rmtree(out, ignore_errors=True)
+        raise
+    except BaseException:  # e.g. an unknown model or model argument, found when the model is built
+        shutil.rmtree(out, ignore_errors=True)
         raise
     best = result.best
     print(f"done: {result.epochs_run} epoch{'s' * (result.epochs_run != 1)} ({result.stop_reason}); best epoch {best['epoch']}: "
@@ -153,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="name of the prepared dataset (default: the source name)")
     p.add_argument("--size", type=int, help="image side in pixels (default 48)")
     p.add_argument("--rgb", action="store_true", help="keep colour (default: grayscale)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="val slice of train where the source has no val split")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="stratified val slice of train where the source has no val split (default 0.1)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the val slice (default 0)")
     data_root_flag(p)
     p.set_defaults(func=cmd_data_prepare)
     p = data_sub.add_parser("info", help="counts, shape and duplicate report of a prepared dataset")
@@ -166,21 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_list)
 
     p = sub.add_parser("models", help="model names with parameter counts and forward cost")
-    p.add_argument("--img-size", type=int, default=48)
+    p.add_argument("--img-size", type=int, default=48, help="input side for the forward cost (default 48)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train one model (the same loop every search trial runs)")
     p.add_argument("--model", help="a registry name (see `fer-tune models`) or timm/<name>")
     p.add_argument("--config", help="YAML file of training config keys (flags override it)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--time-budget", type=parse_duration, help="size the schedule to fit, e.g. 15m")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer")
-    p.add_argument("--aug-strength", type=float)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, help="epochs to train (default: the config's, 30)")
+    budget.add_argument("--time-budget", type=parse_duration,
+                        help="train as many epochs as fit, the schedule sized to them, e.g. 15m")
+    p.add_argument("--batch-size", type=int, help="images per step (default 128)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    p.add_argument("--optimizer", help="adam, adamw (default), sgd, rmsprop or adagrad")
+    p.add_argument("--aug-strength", type=float, help="augmentation strength in [0, 1] (default 0.5)")
     p.add_argument("--subset", type=float, help="stratified fraction of train")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=seed_value, help="seeds weights, batch order and augmentation (default 0)")
     p.add_argument("--set", action="append", type=parse_assignment, metavar="KEY=VALUE",
                    help="any other config key, e.g. --set label_smoothing=0.05 (repeatable)")
     p.add_argument("--dataset", default="fer2013", help="prepared dataset name or path (default fer2013)")

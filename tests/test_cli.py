@@ -42,12 +42,50 @@ def test_a_diverging_run_is_one_line_and_leaves_nothing(toy_prepared, tmp_path, 
     assert not out.exists()
 
 
+def test_train_refuses_an_existing_out_folder(toy_prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best.pt").write_text("an earlier run's")
+    code = main(["train", "--epochs", "1", "--data-root", str(toy_prepared), "--out", str(out), "--quiet"])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["best.pt"] and (out / "best.pt").read_text() == "an earlier run's"
+
+
+@pytest.mark.parametrize("stop_after", [0, 1])
+def test_ctrl_c_keeps_a_run_with_a_best_epoch_and_nothing_else(toy_prepared, tmp_path, capsys, monkeypatch, stop_after):
+    """Ctrl-C during epoch 1 leaves no folder; after a finished epoch the run is kept, and said so."""
+    from fer_tune.train.report import RunFolderReporter
+
+    report = RunFolderReporter.report
+
+    def report_then_stop(self, metrics, make_checkpoint, is_best):
+        if metrics["epoch"] > stop_after:
+            raise KeyboardInterrupt
+        report(self, metrics, make_checkpoint, is_best)
+
+    monkeypatch.setattr(RunFolderReporter, "report", report_then_stop)
+    out = tmp_path / "run"
+    code = main(["train", "--model", "simple_cnn", "--epochs", "3", "--data-root", str(toy_prepared),
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 130
+    if stop_after == 0:
+        assert not out.exists()
+    else:
+        assert (out / "best.pt").is_file() and f"kept {out}" in err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--set", "lerning_rate=1"], "--set: unknown key(s) lerning_rate; valid keys:"),
     (["train", "--model", "resnet9000"], "resnet9000"),
     (["train", "--set", "model_kwargs.nosuch=3"], "nosuch"),
     (["train", "--dataset", "nope"], "no prepared dataset 'nope'"),
     (["train", "--config", "missing.yaml"], "missing.yaml: config file not found"),
+    (["train", "--set", "lr={loguniform: [1.0e-3, 1.0e-2]}"], "lr must be a number, got {'loguniform'"),
+    (["train", "--set", "lr=.nan"], "lr must be a finite number, got nan"),
+    (["train", "--set", "early_stop_patience=-1"], "early_stop_patience must be >= 0"),
+    (["train", "--device", "tpu"], "--device tpu: not a torch device"),
+    (["train", "--device", "cuda:7"], "--device cuda:7: "),
 ])
 def test_user_errors_are_one_line(toy_prepared, tmp_path, capsys, argv, message):
     code = main(argv + ["--data-root", str(toy_prepared), "--out", str(tmp_path / "run"), "--quiet",
@@ -65,6 +103,8 @@ def test_user_errors_are_one_line(toy_prepared, tmp_path, capsys, argv, message)
     (["data", "prepare", "fer2013", "x.zip", "--bad"], "fer-tune data prepare: error: ", "unrecognized arguments: --bad"),
     (["retrain", "exp", "--rank", "1", "--top-k", "2"], "fer-tune retrain: error: ", "not allowed with argument --rank"),
     (["train", "--time-budget", "5q"], "fer-tune train: error: ", "not a duration: '5q'"),
+    (["train", "--epochs", "5", "--time-budget", "1m"], "fer-tune train: error: ", "not allowed with argument --epochs"),
+    (["search", "--space", "smoke", "--seed", "-1"], "fer-tune search: error: ", "invalid seed: -1 (a whole number >= 0)"),
     (["trainn"], "fer-tune: error: ", "invalid choice: 'trainn'"),
 ])
 def test_bad_flags_are_one_line_naming_the_command(capsys, argv, start, message):

@@ -184,3 +184,21 @@ def test_concurrency_on_gpu_yaml_counts_what_the_autoscaler_can_add(config, tmp_
     assert cluster.autoscaler_max_resources("ray://10.0.0.1:10001", path) is None
     assert cluster.autoscaler_max_resources("auto", tmp_path / "absent.yaml") is None
     assert cluster.reachable_capacity(now, None) == now
+
+
+def test_an_address_where_nothing_listens_is_one_line_at_once():
+    """ray.init would retry such an address for minutes; the command says so before it tries."""
+    import socket
+    import time
+
+    from fer_tune.errors import UserError
+    from fer_tune.search.cluster import connect
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    started = time.time()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(UserError, match=rf"--address {address}: nothing answers there"):
+            connect(address)
+    assert time.time() - started < 20

@@ -177,6 +177,8 @@ def test_budget_metric_and_mode():
     ({"model": "simple_cnnn"}, r"did you mean 'simple_cnn'"),
     ({"weight_decay": "1e-4"}, r"weight_decay: '1e-4' is text, not a number \(write floats with a dot: 1.0e-4"),
     ({"dropout": {"choice": [0.1, "2e-1"]}}, r"dropout: '2e-1' is text, not a number"),
+    ({"batch_size": {"uniform": [32, 128]}}, r"batch_size takes whole numbers, which uniform: \[32, 128\] does not draw"),
+    ({"early_stop_patience": {"quniform": [2, 10, 0.5]}}, r"early_stop_patience takes whole numbers"),
     ({"optimizer": {"choice": ["adamw", "lion"]}}, r"unknown optimizer 'lion'; valid: adam, adamw, sgd, rmsprop, adagrad"),
     ({"class_weights": {"choice": ["none", "balanced"]}}, r"unknown class weights 'balanced'; valid: none, inverse, sqrt_inverse, effective"),
     ({"schedule": "step"}, r"unknown schedule 'step'; valid: cosine, onecycle, plateau, constant"),
@@ -212,8 +214,8 @@ def test_unknown_space_name_lists_the_available_ones(tmp_path):
     with pytest.raises(UserError, match="file not found"):
         load_space(str(tmp_path / "nope.yaml"))
     bad = tmp_path / "bad.yaml"
-    bad.write_text("lr: [1, 2\n")
-    with pytest.raises(UserError, match="not valid YAML"):
+    bad.write_text("max_epochs: 2\nlr: [1, 2\n")
+    with pytest.raises(UserError, match=r"bad.yaml: not valid YAML \(line 3, column 1: expected ',' or ']'"):
         load_space(str(bad))
     twice = tmp_path / "twice.yaml"  # YAML itself would keep the second and drop the search range
     twice.write_text("max_epochs: 2\ndropout: {uniform: [0.1, 0.3]}\nlr: 0.01\ndropout: 0.1\n")

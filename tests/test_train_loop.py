@@ -10,7 +10,7 @@ from conftest import free_port
 from fer_tune.train import (MemoryReporter, Reporter, RunFolderReporter, TrainConfig, TrainingDiverged, fit,
                             load_checkpoint, model_from_checkpoint)
 from fer_tune.train.report import start_line
-from fer_tune.train.runtime import predict_logits, resolve_precision
+from fer_tune.train.runtime import cpu_has_bf16, predict_logits, resolve_precision
 
 # A quarter-width simple_cnn: 6x faster than the full one on a CPU and still learns the toy data (val ~0.7).
 FAST = dict(model="simple_cnn", model_kwargs={"width": 0.25, "hidden": 32}, batch_size=64, lr=3e-3, epochs=3,
@@ -69,6 +69,8 @@ def test_no_progress_bar_redraws_when_output_is_not_a_terminal(toy_data, tmp_pat
     info = {"device": "cpu", "precision": "fp32", "params": 1000, "train_images": 1, "val_images": 1, "epochs": 1,
             "steps_per_epoch": 1, "config": {"model": "m", "precision": "fp32"}}
     assert "no native bf16" not in start_line(info)  # asked for fp32: nothing to explain
+    asked_bf16 = start_line({**info, "precision": "bf16", "config": {"model": "m", "precision": "bf16"}})
+    assert ("emulated" in asked_bf16) == (not cpu_has_bf16())  # asked for bf16 the CPU only emulates
 
 
 def test_checkpoint_loading_refuses_arbitrary_pickles(tmp_path):

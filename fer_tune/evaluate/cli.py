@@ -22,6 +22,7 @@ def _assignment(text: str):
 
 def add_commands(sub, data_root_flag) -> None:
     """Add the evaluation commands to the `fer-tune` sub-parsers."""
+    from fer_tune.cli import seed_value
     from fer_tune.evaluate.predict import DEFAULT_MARGIN
     from fer_tune.evaluate.retrain import DEFAULT_EPOCH_FACTOR
     from fer_tune.evaluate.transfer import DEFAULT_JOINT_FRACTION, STRATEGIES
@@ -43,7 +44,7 @@ def add_commands(sub, data_root_flag) -> None:
                    help="with --screen: training time per config, e.g. 10m (default: a sixth of --time-budget, "
                         "else 10m)")
     p.add_argument("--seeds", type=int, default=1, help="train each config with N seeds; report mean ± std")
-    p.add_argument("--first-seed", type=int, metavar="S",
+    p.add_argument("--first-seed", type=seed_value, metavar="S",
                    help="seeds S..S+N-1 instead of the trial's own seed onwards (one more seed of a recipe alone)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: --epoch-factor x the space's max_epochs)")
     p.add_argument("--epoch-factor", type=float, default=DEFAULT_EPOCH_FACTOR,
@@ -84,7 +85,7 @@ def add_commands(sub, data_root_flag) -> None:
     p.add_argument("--lr-factor", type=float,
                    help="fine-tuning lr = this x the model's lr (default 0.1; 1 for linear-probe)")
     p.add_argument("--time-budget", type=_duration, help="per strategy: as many epochs as fit, e.g. 10m")
-    p.add_argument("--seed", type=int, help="fine-tuning seed (default: the model's)")
+    p.add_argument("--seed", type=seed_value, help="fine-tuning seed (default: the model's)")
     p.add_argument("--checkpoint", help="transfer this checkpoint instead of final/'s network with the best val "
                                         "score (of any config when final/ is a --top-k ensemble)")
     p.add_argument("--source-dataset", help="dataset the model was trained on (default: from final/metrics.json)")

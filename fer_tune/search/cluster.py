@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -52,6 +53,20 @@ def _keeping_sigterm_handler():
             signal.signal(signal.SIGTERM, handler)
 
 
+def _check_reachable(address: str) -> None:
+    """A `host:port` (or `ray://host:port`) where nothing listens: one line now, where ray.init would
+    retry its connection for minutes. "auto" is Ray's own lookup, which fails fast."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"--address {address}: nothing answers there ({exc.strerror or first_line(exc)}); check the "
+                        "head node's address and port (`ray start --head` prints them), or use --address auto "
+                        "on a node of the cluster") from None
+
+
 def _connect(ray, address, num_cpus, quiet) -> bool:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs = dict(log_to_driver=not quiet, configure_logging=True, logging_level="ERROR" if quiet else "INFO")
@@ -60,6 +75,7 @@ def _connect(ray, address, num_cpus, quiet) -> bool:
         # the environment of every process that connects (also for `ray status`).
         if "RAY_AUTH_MODE" not in os.environ and (TOKEN_FILE.is_file() or os.environ.get("RAY_AUTH_TOKEN")):
             _enable_token_auth()
+        _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:

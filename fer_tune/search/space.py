@@ -347,7 +347,8 @@ def _check_meta(space: SearchSpace, where: str) -> None:
                         f"reduction_factor ({space.reduction_factor}): ASHA keeps the best 1/{space.reduction_factor} "
                         "of the window")
     if space.grace_period > space.max_epochs:
-        raise UserError(f"{where}: grace_period ({space.grace_period}) exceeds max_epochs ({space.max_epochs})")
+        raise UserError(f"{where}: grace_period ({space.grace_period}) exceeds max_epochs ({space.max_epochs}); "
+                        "lower --grace-period or raise --max-epochs (or the space's keys of those names)")
 
 
 def _parse_param(key: str, spec: Any, earlier: dict[str, Param], where: str) -> Param | Alternatives:
@@ -483,6 +484,11 @@ def _check_values(param: Param, space: SearchSpace, where: str) -> None:
                 except UserError as exc:
                     raise UserError(f"{where}: pretrained: {exc}") from None
     default = next((f.default for f in dataclasses.fields(TrainConfig) if f.name == name), None)
+    whole = isinstance(default, int) and not isinstance(default, bool)
+    if whole and (param.kind in ("uniform", "loguniform")
+                  or param.kind == "quniform" and not all(float(a).is_integer() for a in (param.args[0], param.args[2]))):
+        raise UserError(f"{where}: {name} takes whole numbers, which {param.kind}: {list(param.args)} does not "
+                        f"draw; use int: [low, high], or quniform with a whole low and step")
     for value in param.candidates():
         if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
             # the trial would coerce it, but the tables and records would show the text

@@ -7,6 +7,7 @@ space's keys are exactly these field names.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,10 @@ def read_user_yaml(path: Path) -> Any:
     try:
         return yaml.load(path.read_text(), Loader=_UniqueKeys)
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML ({where}{what})") from None
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
 
@@ -111,6 +115,10 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # nan or inf would pass every range check below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"config: {f.name} must be a finite number, got {value}")
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("class_weights", self.class_weights, CLASS_WEIGHTS)
@@ -130,6 +138,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.early_stop_patience < 0:
+            raise UserError(f"config: early_stop_patience must be >= 0 (0 = off), got {self.early_stop_patience}")
         if not isinstance(self.model_kwargs, dict):
             raise UserError(f"config: model_kwargs must be a mapping, got {self.model_kwargs!r}")
 
@@ -145,7 +155,7 @@ class TrainConfig:
         kwargs = {}
         for key, value in values.items():
             default = known[key].default
-            if value is not None and isinstance(default, (bool, int, float)) and not isinstance(value, dict):
+            if value is not None and isinstance(default, (bool, int, float)):
                 kwargs[key] = _coerce(key, value, type(default), source)
             else:
                 kwargs[key] = value
@@ -187,6 +197,9 @@ def _coerce(key: str, value: Any, kind: type, source: str) -> Any:
         if isinstance(value, bool):
             return value
         raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+    if isinstance(value, (dict, list)):
+        hint = " (a search range belongs in a search space: search_spaces/README.md)" if isinstance(value, dict) else ""
+        raise UserError(f"{source}: {key} must be a number, got {value!r}{hint}")
     try:
         converted = kind(value)
     except (TypeError, ValueError):

@@ -65,9 +65,13 @@ def epoch_line(metrics: dict, epochs: int, is_best: bool) -> str:
 def start_line(info: dict) -> str:
     """The line printed before the first epoch: what trains on what, and in which precision (an epoch
     in fp32 on a CPU without native bf16 takes several times as long as one with it)."""
+    from fer_tune.train.runtime import cpu_has_bf16
+
     note = ""
     if info["device"] == "cpu" and info["precision"] == "fp32" and info["config"].get("precision") == "auto":
         note = " (this CPU has no native bf16)"
+    elif info["device"] == "cpu" and info["precision"] == "bf16" and not cpu_has_bf16():
+        note = " (emulated: this CPU has no native bf16, so this is many times slower than fp32; use precision auto)"
     return (f"{info['config']['model']}: {info['params'] / 1e6:.2f}M parameters, {info['train_images']} train / "
             f"{info['val_images']} val images, {info['device']} {info['precision']}{note}, "
             f"{info['epochs']} x {info['steps_per_epoch']} batches")

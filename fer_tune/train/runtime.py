@@ -8,11 +8,25 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from fer_tune.errors import UserError
 
-def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def pick_device(requested: str | torch.device | None = None) -> torch.device:
+    """The torch device asked for (--device), checked before any work starts; else CUDA when present."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested}: not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {requested}: no CUDA GPU is usable here (torch.cuda.is_available() is "
+                            "False); leave --device out or use cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {requested}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 @lru_cache(maxsize=None)
