@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hyperparameter search for facial expression recognition (Ray Tune + Optuna + ASHA).",
         epilog="Start with: fer-tune data prepare fer2013 PATH/TO/fer2013.zip; then fer-tune search --space cnn "
                "on a GPU cluster, or fer-tune search --space cpu --subset 0.5 --executor direct on one CPU machine")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("fer-tune")
+    except PackageNotFoundError:  # run from a source tree without installing
+        installed = "unknown"
+    parser.add_argument("--version", action="version", version=f"fer-tune {installed}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def data_root_flag(p):

@@ -176,3 +176,11 @@ def test_a_built_wheel_carries_every_package_and_the_search_spaces(tmp_path):
                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, cwd=tmp_path,
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == [s[:-5] for s in spaces]
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"fer-tune {version('fer-tune')}"

@@ -503,10 +503,32 @@ def test_rafdb_missing_image(tmp_path, root):
                call=lambda: prepare("rafdb", path, data_root=root))
 
 
+def test_rafdb_image_without_a_label(tmp_path, root):
+    files, _ = raf_official_files()
+    label_file = "EmoLabel/list_patition_label.txt"
+    lines = files[label_file].decode().split("\n")
+    files[label_file] = "\n".join(line for line in lines if not line.startswith("test_0003.jpg")).encode()
+    path = write_folder(tmp_path / "raf", files)
+    user_error(root, "test_0003_aligned.jpg: not in", "list_patition_label.txt", "add its line or remove it",
+               call=lambda: prepare("rafdb", path, data_root=root))
+
+
 def test_empty_split(tmp_path, root):
     files = {m: d for m, d in fer_files().items() if "PrivateTest" not in m}
     path = write_zip(tmp_path / "fer2013.zip", files)
     user_error(root, str(path), "no test images found", call=lambda: prepare("fer2013", path, data_root=root))
+
+
+def test_fer2013_without_its_test_folder_names_both_missing_splits(tmp_path, root):
+    files = {m: d for m, d in fer_files().items() if "Test" not in m}
+    path = write_zip(tmp_path / "fer2013.zip", files)
+    user_error(root, str(path), "no val or test images found", call=lambda: prepare("fer2013", path, data_root=root))
+
+
+def test_a_val_fraction_that_empties_train_says_so(tmp_path, root):
+    path = write_zip(tmp_path / "myfaces.zip", imagefolder_files())
+    user_error(root, str(path), "--val-fraction 0.99 left none for train: lower it",
+               call=lambda: prepare("imagefolder", path, data_root=root, val_fraction=0.99))
 
 
 def test_imagefolder_without_test_folder(tmp_path, root):
@@ -534,6 +556,7 @@ def test_corrupt_zip(tmp_path, root):
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"name": "../escape"}, "--name '../escape'"),
     ({"size": 0}, "--size 0"),
+    ({"size": 100_000}, "--size 100000: must be 1 to 1024 pixels"),
     ({"val_fraction": 1.0}, "--val-fraction 1.0"),
 ])
 def test_bad_options(fer_zip, root, kwargs, fragment):
@@ -599,8 +622,11 @@ def test_interrupted_write_leaves_nothing(fer_zip, root, monkeypatch):
 
 
 def test_replacing_a_dataset(fer_zip, root):
-    prepare("fer2013", fer_zip, data_root=root, log=lambda _: None)
-    new = prepare("fer2013", fer_zip, data_root=root, rgb=True, log=lambda _: None)
+    said = []
+    prepare("fer2013", fer_zip, data_root=root, log=said.append)
+    assert not [line for line in said if "replaced" in line]
+    new = prepare("fer2013", fer_zip, data_root=root, rgb=True, log=said.append)
+    assert said[-1] == f"replaced the earlier fer2013 (prepared from {fer_zip.resolve()})"
     assert sorted(p.name for p in root.iterdir()) == ["fer2013"]
     assert new.image_shape == (3, 48, 48)
     meta = json.loads((root / "fer2013" / "meta.json").read_text())

@@ -179,6 +179,10 @@ def test_search_flag_errors_are_one_line(capsys, tmp_path):
     assert "needs --executor train" in capsys.readouterr().err
     assert main(["search", "--space", "smoke", "--subset", "1.5"]) == 2
     assert "--subset 1.5" in capsys.readouterr().err
+    assert main(["search", "--space", "smoke", "--name", "", "--storage", str(tmp_path)]) == 2
+    assert "--name '': use a plain folder name" in capsys.readouterr().err
+    assert main(["search", "--space", "smoke", "--grace-period", "50", "--storage", str(tmp_path)]) == 2
+    assert "lower --grace-period or raise --max-epochs" in capsys.readouterr().err
     assert main(["search", "--space", "smoke", "--promotion-window", "1", "--storage", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "promotion_window (1) must be 0 (all results) or at least reduction_factor" in err

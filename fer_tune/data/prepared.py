@@ -31,6 +31,7 @@ FORMAT_VERSION = 1
 ARRAYS = ("images", "labels", "split", "train_copy")
 READERS = {"fer2013": fer2013.read, "rafdb": rafdb.read, "imagefolder": imagefolder.read}
 DEFAULT_SIZE = 48
+MAX_SIZE = 1024  # a side beyond this is a typo: 35,887 FER images at 1024x1024 take 35 GiB
 DEFAULT_VAL_FRACTION, DEFAULT_SEED = 0.1, 0
 
 
@@ -109,8 +110,8 @@ def prepare(
     name = name or _default_name(source, path)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"--name '{name}': not a valid dataset name; use letters, digits, '.', '_' and '-'")
-    if size is not None and size < 1:
-        raise UserError(f"--size {size}: must be a positive number of pixels")
+    if size is not None and not 1 <= size <= MAX_SIZE:
+        raise UserError(f"--size {size}: must be 1 to {MAX_SIZE} pixels (faces for these models: 48 to 224)")
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction {val_fraction}: must lie strictly between 0 and 1")
 
@@ -127,9 +128,11 @@ def prepare(
         }
     order = np.argsort(split, kind="stable")
     images, labels, split = raw.images[order], raw.labels[order], split[order]
-    for split_id, split_name in enumerate(SPLITS):
-        if not np.any(split == split_id):
-            raise UserError(f"{path}: no {split_name} images found ({raw.layout}); every split needs images")
+    missing = [name_ for split_id, name_ in enumerate(SPLITS) if not np.any(split == split_id)]
+    if missing:
+        emptied = raw.val_from is None and "train" in missing and np.any(raw.split == TRAIN)
+        raise UserError(f"{path}: no {' or '.join(missing)} images found ({raw.layout}); every split needs images"
+                        + (f"; --val-fraction {val_fraction} left none for train: lower it" if emptied else ""))
     train_copy, duplicates = duplicate_report([raw.pixel_hash[i] for i in order], labels, split)
 
     meta = {
@@ -146,6 +149,7 @@ def prepare(
     }
     root = default_data_root(data_root)
     arrays = {"images": images, "labels": labels, "split": split, "train_copy": train_copy}
+    replaced = _source_of(root / name)
     try:
         with atomic_dir(root, name) as tmp:
             for key in ARRAYS:
@@ -158,7 +162,19 @@ def prepare(
             f"{root}: cannot write the prepared dataset ({e}); check free space and permissions, or pass --data-root"
         ) from None
     log(describe(meta))
+    if replaced is not None:
+        log(f"replaced the earlier {name} (prepared from {replaced})")
     return PreparedDataset(root / name, verify=False)
+
+
+def _source_of(folder: Path) -> str | None:
+    """Where an existing prepared dataset came from ("?" when its meta.json is unreadable), None when absent."""
+    if not folder.exists():
+        return None
+    try:
+        return json.loads((folder / "meta.json").read_text())["source"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
 
 
 def load(name_or_path: str | Path, data_root: str | Path | None = None, verify: bool = True) -> PreparedDataset:

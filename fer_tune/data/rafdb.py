@@ -63,6 +63,13 @@ def _official(source, label_file):
         if member not in present:
             raise UserError(f"{where}: lists {name}, but {source.where(member)} is missing; the archive is incomplete")
         rows.append((member, RAFDB_TO_CANONICAL[parse_label(label, where, 1, 7)], SPLIT_IDS[name.split("_", 1)[0]]))
+    listed = {r[0] for r in rows}
+    unlisted = sorted(m for m in present if m.startswith(f"{prefix}Image/aligned/") and m not in listed
+                      and m.lower().endswith(IMAGE_SUFFIXES))
+    if unlisted:
+        raise UserError(f"{source.where(unlisted[0])}: not in {source.where(label_file)}"
+                        + (f" (nor {len(unlisted) - 1} other image(s) of Image/aligned)" if len(unlisted) > 1 else "")
+                        + "; an image without a label cannot be used: add its line or remove it")
     rows.sort()
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], "RAF-DB official"
 

@@ -90,7 +90,7 @@ def add_commands(sub, data_root_flag) -> None:
                                         "score (of any config when final/ is a --top-k ensemble)")
     p.add_argument("--source-dataset", help="dataset the model was trained on (default: from final/metrics.json)")
     tta_flags(p)
-    p.add_argument("--storage", default="results")
+    p.add_argument("--storage", default="results", help="where experiments live (default ./results)")
     p.add_argument("--device")
     p.add_argument("--force", action="store_true", help="replace an existing transfer/ (once the new one is done)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

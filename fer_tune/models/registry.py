@@ -97,11 +97,19 @@ def model_info(name: str, num_classes: int = 7, in_chans: int = 1, img_size: int
 def describe_models(img_size: int = 48) -> str:
     """A table of the built-in models (parameters and MFLOPs for a 1-channel, 7-class model at
     `img_size`) and a line about `timm/<name>`. Printed by `fer-tune models`."""
-    infos = [model_info(name, img_size=img_size) for name in list_models()]
+    infos = []
+    for name in list_models():
+        try:
+            infos.append(model_info(name, img_size=img_size))
+        except UserError as exc:  # e.g. too small an image for its poolings: say so in its row
+            infos.append({"name": name, "params": None, "mflops": None, "description": f"({exc})"})
     width = max(len(i["name"]) for i in infos)
     lines = [f"{'name':<{width}}  {'params':>10}  {'MFLOPs':>8}  description"]
     for i in infos:
-        lines.append(f"{i['name']:<{width}}  {i['params']:>10,}  {i['mflops']:>8.1f}  {i['description']}")
+        if i["params"] is None:
+            lines.append(f"{i['name']:<{width}}  {'-':>10}  {'-':>8}  {i['description']}")
+        else:
+            lines.append(f"{i['name']:<{width}}  {i['params']:>10,}  {i['mflops']:>8.1f}  {i['description']}")
     lines.append("")
     lines.append(f"MFLOPs: one {img_size}x{img_size} grayscale image, forward pass, 7 classes.")
     lines.append('timm/<name>: any timm model, e.g. timm/resnet18 or timm/efficientnet_b0 (names: '

@@ -18,6 +18,9 @@ SEARCH_FLAGS = ("space", "trials", "max_epochs", "grace_period", "reduction_fact
                 "seed", "sampler", "no_early_stopping")
 
 
+STORAGE_HELP = "where the experiments live: a folder or s3://, gs:// URI (default ./results)"
+
+
 def add_commands(sub, data_root_flag) -> None:
     """Add the search commands to the `fer-tune` sub-parsers."""
     from fer_tune.cli import seed_value
@@ -65,7 +68,7 @@ def add_commands(sub, data_root_flag) -> None:
 
     p = sub.add_parser("trials", help="the trial table of a search, best first")
     p.add_argument("experiment", nargs="?", help="experiment name under --storage or a folder (default: latest)")
-    p.add_argument("--storage", default="results")
+    p.add_argument("--storage", default="results", help=STORAGE_HELP)
     p.add_argument("--top", type=int, help="only the K best trials")
     p.add_argument("--sort", help="metric (val_acc, val_loss, ...) or column to sort by (default: the search metric)")
     p.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
@@ -76,8 +79,8 @@ def add_commands(sub, data_root_flag) -> None:
 
     p = sub.add_parser("board", help="TensorBoard on a search: per-trial curves and the HParams view")
     p.add_argument("experiment", nargs="?", help="experiment name or folder (default: latest)")
-    p.add_argument("--storage", default="results")
-    p.add_argument("--port", type=int, default=6006)
+    p.add_argument("--storage", default="results", help=STORAGE_HELP)
+    p.add_argument("--port", type=int, default=6006, help="TensorBoard's port (default 6006)")
     p.add_argument("--print", dest="print_only", action="store_true", help="print the command instead of running it")
     p.set_defaults(func=cmd_board)
 

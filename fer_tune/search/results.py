@@ -249,12 +249,13 @@ def find_experiment(target: str | None, storage: str | Path = "results") -> Path
     root = Path(str(storage).removeprefix("file://"))
     if target:
         target = target.removeprefix("file://")
-        for candidate in (Path(target), root / target):
+        candidates = list(dict.fromkeys((Path(target), root / target)))  # one, for an absolute path
+        for candidate in candidates:
             if (candidate / "trials.csv").is_file() or (candidate / "search.yaml").is_file():
                 return candidate
         known = ", ".join(list_experiments(root)[-10:]) or "none"
-        raise UserError(f"no search experiment {target!r} (looked for trials.csv in {target} and {root / target}); "
-                        f"experiments under {root}: {known}")
+        raise UserError(f"no search experiment {target!r} (looked for trials.csv in "
+                        f"{' and '.join(str(c) for c in candidates)}); experiments under {root}: {known}")
     names = list_experiments(root)
     if not names:
         raise UserError(f"no search experiments under {root}; run `fer-tune search --space smoke` first")

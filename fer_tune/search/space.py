@@ -497,7 +497,8 @@ def _check_values(param: Param, space: SearchSpace, where: str) -> None:
         try:
             TrainConfig.from_dict({name: value, "model_kwargs": {}}, source=where)
         except UserError as exc:
-            raise UserError(f"{where}: {name}: {str(exc).split(': ', 1)[-1]}") from None
+            detail = str(exc).split(": ", 1)[-1]  # "dropout must be in ...": the key already leads
+            raise UserError(f"{where}: {detail if detail.startswith(name) else f'{name}: {detail}'}") from None
 
 
 def _models_for(param: Param, space: SearchSpace) -> list[str]:

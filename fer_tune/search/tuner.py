@@ -614,9 +614,9 @@ def resume_ignored(record: dict, given: dict) -> list[str]:
 
 
 def _experiment_name(name: str | None, space: SearchSpace | None, storage: str, resume: bool) -> str:
-    if name:
-        if "/" in name or name.startswith("."):
-            raise UserError(f"--name {name}: use a plain folder name (letters, digits, '-', '_', '.')")
+    if name is not None:
+        if not name.strip() or "/" in name or name.startswith("."):
+            raise UserError(f"--name {name!r}: use a plain folder name (letters, digits, '-', '_', '.')")
         return name
     if resume:
         local = experiment_folder(storage, "x")
