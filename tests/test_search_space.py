@@ -179,6 +179,7 @@ def test_budget_metric_and_mode():
     ({"dropout": {"choice": [0.1, "2e-1"]}}, r"dropout: '2e-1' is text, not a number"),
     ({"batch_size": {"uniform": [32, 128]}}, r"batch_size takes whole numbers, which uniform: \[32, 128\] does not draw"),
     ({"early_stop_patience": {"quniform": [2, 10, 0.5]}}, r"early_stop_patience takes whole numbers"),
+    ({"dropout": {"quniform": [0.0, 0.5, 0.3]}}, r"dropout: quniform's range 0.5 is not a whole number of steps of 0.3"),
     ({"optimizer": {"choice": ["adamw", "lion"]}}, r"unknown optimizer 'lion'; valid: adam, adamw, sgd, rmsprop, adagrad"),
     ({"class_weights": {"choice": ["none", "balanced"]}}, r"unknown class weights 'balanced'; valid: none, inverse, sqrt_inverse, effective"),
     ({"schedule": "step"}, r"unknown schedule 'step'; valid: cosine, onecycle, plateau, constant"),

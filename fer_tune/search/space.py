@@ -391,6 +391,9 @@ def _parse_param(key: str, spec: Any, earlier: dict[str, Param], where: str) -> 
                 raise UserError(f"{where}: {key}: int with log: true needs low >= 1, got {args[0]}")
         if kind == "quniform" and args[2] <= 0:
             raise UserError(f"{where}: {key}: quniform needs q > 0, got {args[2]}")
+        if kind == "quniform" and abs((steps := (high - low) / args[2]) - round(steps)) > 1e-6:
+            raise UserError(f"{where}: {key}: quniform's range {high - low:g} is not a whole number of steps of "
+                            f"{args[2]:g} (Optuna would cut high to {low + int(steps) * args[2]:g}); adjust high or q")
         args = list(args)
     return Param(key, kind, args, when, bool(log))
 
