@@ -306,8 +306,8 @@ def train_floor(trials: int, storage: Path) -> dict[str, list[float]]:
     (`train_trial`: a driver trial with no CPU of its own running a 1-worker TorchTrainer) whose
     worker reports at once instead of training: what Ray Train costs before any of our code runs.
     One trial at a time, alternating the product's one-worker set-up (no torch.distributed process
-    group) with TorchTrainer's default (a gloo process group, as up to commit "one-worker Ray Train
-    runs without a process group"), so both meet the same machine."""
+    group) with TorchTrainer's default (a gloo process group, as before commit 816f2f8), so both
+    meet the same machine."""
     import ray.train
     from ray import tune
     from ray.train.torch import TorchConfig

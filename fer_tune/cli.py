@@ -32,9 +32,9 @@ def seed_value(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seed: {text!r} (a whole number >= 0)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid seed: {value} (a whole number >= 0)")
+        raise argparse.ArgumentTypeError(f"invalid seed: {text!r} (a whole number from 0 to {2**32 - 1})") from None
+    if not 0 <= value < 2**32:  # numpy's RandomState (Optuna's samplers) takes seeds below 2**32
+        raise argparse.ArgumentTypeError(f"invalid seed: {value} (a whole number from 0 to {2**32 - 1})")
     return value
 
 
@@ -114,20 +114,23 @@ def cmd_train(args) -> None:
         raise UserError(f"--out {out}: already exists{'' if out.is_dir() else ' (a file)'}; a run writes into "
                         "a new folder: give another --out, or remove that one")
     print(f"training {cfg.model} on {dataset.name} -> {out}")
+    existed = out.exists()  # an empty folder the user made: emptied, not removed, on failure
+
+    def discard() -> None:
+        for path in (out.iterdir() if existed else [out]):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
     try:
         result = train_run(cfg, dataset, out, device=device, progress=not args.quiet)
     except TrainingDiverged as exc:
-        shutil.rmtree(out, ignore_errors=True)
+        discard()
         raise RunFailed(f"{exc}; lower lr (or set grad_clip) and run again; nothing was kept in {out}") from None
-    except KeyboardInterrupt:  # keep a run that has a best epoch, else nothing
-        if (out / "best.pt").is_file():
+    except BaseException:  # Ctrl-C, or e.g. an unknown model argument found when the model is built
+        if (out / "best.pt").is_file():  # a finished epoch: keep what it made
             print(f"fer-tune: stopped; kept {out} (best.pt, last.pt and metrics.csv of the epochs that ran)",
                   file=sys.stderr)
         else:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    except BaseException:  # e.g. an unknown model or model argument, found when the model is built
-        shutil.rmtree(out, ignore_errors=True)
+            discard()
         raise
     best = result.best
     print(f"done: {result.epochs_run} epoch{'s' * (result.epochs_run != 1)} ({result.stop_reason}); best epoch {best['epoch']}: "

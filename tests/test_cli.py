@@ -49,6 +49,12 @@ def test_train_refuses_an_existing_out_folder(toy_prepared, tmp_path, capsys):
     code = main(["train", "--epochs", "1", "--data-root", str(toy_prepared), "--out", str(out), "--quiet"])
     assert code == 2 and "already exists" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["best.pt"] and (out / "best.pt").read_text() == "an earlier run's"
+    # An empty folder of the user's is used, and only emptied again when the run fails
+    empty = tmp_path / "mine"
+    empty.mkdir()
+    code = main(["train", "--epochs", "1", "--data-root", str(toy_prepared), "--out", str(empty), "--quiet",
+                 "--set", "model_kwargs.nosuch=3"])
+    assert code == 2 and empty.is_dir() and not list(empty.iterdir())
 
 
 @pytest.mark.parametrize("stop_after", [0, 1])
@@ -84,8 +90,10 @@ def test_ctrl_c_keeps_a_run_with_a_best_epoch_and_nothing_else(toy_prepared, tmp
     (["train", "--set", "lr={loguniform: [1.0e-3, 1.0e-2]}"], "lr must be a number, got {'loguniform'"),
     (["train", "--set", "lr=.nan"], "lr must be a finite number, got nan"),
     (["train", "--set", "early_stop_patience=-1"], "early_stop_patience must be >= 0"),
-    (["train", "--device", "tpu"], "--device tpu: not a torch device"),
+    (["train", "--device", "tpu"], "--device tpu: not a device fer-tune trains on"),
     (["train", "--device", "cuda:7"], "--device cuda:7: "),
+    (["train", "--device", "meta"], "--device meta: not a device fer-tune trains on"),
+    (["train", "--set", "eval_batch_size=.inf"], "eval_batch_size must be a finite int, got inf"),
 ])
 def test_user_errors_are_one_line(toy_prepared, tmp_path, capsys, argv, message):
     code = main(argv + ["--data-root", str(toy_prepared), "--out", str(tmp_path / "run"), "--quiet",
@@ -104,7 +112,7 @@ def test_user_errors_are_one_line(toy_prepared, tmp_path, capsys, argv, message)
     (["retrain", "exp", "--rank", "1", "--top-k", "2"], "fer-tune retrain: error: ", "not allowed with argument --rank"),
     (["train", "--time-budget", "5q"], "fer-tune train: error: ", "not a duration: '5q'"),
     (["train", "--epochs", "5", "--time-budget", "1m"], "fer-tune train: error: ", "not allowed with argument --epochs"),
-    (["search", "--space", "smoke", "--seed", "-1"], "fer-tune search: error: ", "invalid seed: -1 (a whole number >= 0)"),
+    (["search", "--space", "smoke", "--seed", "-1"], "fer-tune search: error: ", "invalid seed: -1 (a whole number from 0 to 4294967295)"),
     (["trainn"], "fer-tune: error: ", "invalid choice: 'trainn'"),
 ])
 def test_bad_flags_are_one_line_naming_the_command(capsys, argv, start, message):

@@ -187,12 +187,13 @@ def test_concurrency_on_gpu_yaml_counts_what_the_autoscaler_can_add(config, tmp_
 
 
 def test_an_address_where_nothing_listens_is_one_line_at_once():
-    """ray.init would retry such an address for minutes; the command says so before it tries."""
+    """ray.init would retry such an address for minutes; the command says so before it tries (the
+    check alone: `connect` would also turn on token authentication for this whole test session)."""
     import socket
     import time
 
     from fer_tune.errors import UserError
-    from fer_tune.search.cluster import connect
+    from fer_tune.search.cluster import _check_reachable
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -200,5 +201,10 @@ def test_an_address_where_nothing_listens_is_one_line_at_once():
     started = time.time()
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
         with pytest.raises(UserError, match=rf"--address {address}: nothing answers there"):
-            connect(address)
+            _check_reachable(address)
+    with socket.socket() as s:  # something listens: no complaint
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        _check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
+    _check_reachable("auto")
     assert time.time() - started < 20

@@ -67,9 +67,21 @@ def test_status_best_last_and_error_of_each_trial():
     diverged = fake_trial("h", "ERROR", 3, [0.2, 0.9, 0.1], error=RuntimeError("TrainingDiverged: nan"))
     with_failed = results.build_table(rows_for(trials + [diverged], {"a", "b", "c", "h"}), "val_acc", "max")
     assert with_failed.iloc[0]["trial_id"] == "h" and results.best_row(with_failed, "val_acc")["trial_id"] == "f"
-    assert results.best_row(with_failed[with_failed.status == "failed"], "val_acc") is None
+    only_failed = with_failed[with_failed.status == "failed"]
+    assert results.best_row(only_failed, "val_acc") is None
     by_loss = results.build_table(rows.values(), "val_loss", "min")
     assert by_loss.iloc[0]["trial_id"] == "b"
+
+
+def test_best_json_goes_when_no_trial_is_best_any_more(tmp_path):
+    """A refresh whose every trial has failed (the one best.json named failed late) removes it."""
+    good = results.build_table(rows_for([fake_trial("a", "RUNNING", 2, [0.3, 0.6])], set()), "val_acc", "max")
+    results.write_tables(tmp_path, good, metric="val_acc", mode="max")
+    assert json.loads((tmp_path / "best.json").read_text())["trial"]["trial_id"] == "a"
+    failed = results.build_table(rows_for([fake_trial("a", "ERROR", 3, [0.3, 0.6, 0.1], error=ValueError("nan"))],
+                                          {"a"}), "val_acc", "max")
+    results.write_tables(tmp_path, failed, metric="val_acc", mode="max")
+    assert not (tmp_path / "best.json").exists() and (tmp_path / "trials.csv").is_file()
 
 
 @pytest.fixture

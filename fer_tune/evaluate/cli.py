@@ -44,7 +44,7 @@ def add_commands(sub, data_root_flag) -> None:
                    help="with --screen: training time per config, e.g. 10m (default: a sixth of --time-budget, "
                         "else 10m)")
     p.add_argument("--seeds", type=int, default=1, help="train each config with N seeds; report mean ± std")
-    p.add_argument("--first-seed", type=seed_value, metavar="S",
+    p.add_argument("--first-seed", type=int, metavar="S",
                    help="seeds S..S+N-1 instead of the trial's own seed onwards (one more seed of a recipe alone)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: --epoch-factor x the space's max_epochs)")
     p.add_argument("--epoch-factor", type=float, default=DEFAULT_EPOCH_FACTOR,

@@ -97,6 +97,8 @@ def model_info(name: str, num_classes: int = 7, in_chans: int = 1, img_size: int
 def describe_models(img_size: int = 48) -> str:
     """A table of the built-in models (parameters and MFLOPs for a 1-channel, 7-class model at
     `img_size`) and a line about `timm/<name>`. Printed by `fer-tune models`."""
+    if img_size < 1:
+        raise UserError(f"--img-size {img_size}: must be a positive number of pixels")
     infos = []
     for name in list_models():
         try:

@@ -73,9 +73,9 @@ def _connect(ray, address, num_cpus, quiet) -> bool:
     if address:
         # Clusters started with token authentication (Ray's default since 2.59) need the mode in
         # the environment of every process that connects (also for `ray status`).
+        _check_reachable(address)
         if "RAY_AUTH_MODE" not in os.environ and (TOKEN_FILE.is_file() or os.environ.get("RAY_AUTH_TOKEN")):
             _enable_token_auth()
-        _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -167,7 +167,9 @@ def write_tables(exp_dir: str | Path, df: pd.DataFrame, *, metric: str, mode: st
     _atomic(exp_dir / "trials.csv", lambda p: df.to_csv(p, index=False))
     _atomic(exp_dir / "trials.parquet", lambda p: _to_parquet(df, p))
     best = best_row(df, metric)
-    if best is not None:
+    if best is None:  # e.g. the best trial of an earlier refresh failed since: no stale best.json
+        (exp_dir / "best.json").unlink(missing_ok=True)
+    else:
         payload = {"metric": metric, "mode": mode, "value": best.get(f"best_{metric}"), "trial": best,
                    "config": (configs or {}).get(best["trial_id"])}
         _atomic(exp_dir / "best.json", lambda p: Path(p).write_text(json.dumps(payload, indent=2, default=str)))

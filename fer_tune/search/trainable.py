@@ -168,7 +168,7 @@ def replay_finished(setup: TrialSetup) -> bool:
 def torch_config(workers: int):
     """The TorchTrainer's `torch_config`: torch.distributed's process group (gloo, or nccl on GPUs)
     for data-parallel runs; none for a one-worker run, which has no peer to talk to. Setting it up
-    anyway cost a one-worker trial about 3 s of its start-up here (the benchmark's `--overhead-only`
+    anyway cost a one-worker trial 2-3 s of its start-up here (the benchmark's `--overhead-only`
     times both), and `fit` then skips every all-reduce (`dist.is_initialized()` is false)."""
     from ray.train.torch import TorchConfig
 

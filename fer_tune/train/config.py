@@ -204,6 +204,8 @@ def _coerce(key: str, value: Any, kind: type, source: str) -> Any:
         converted = kind(value)
     except (TypeError, ValueError):
         raise UserError(f"{source}: {key} must be a {kind.__name__}, got {value!r}") from None
+    except OverflowError:  # int(inf)
+        raise UserError(f"{source}: {key} must be a finite {kind.__name__}, got {value!r}") from None
     if kind is int and converted != value:
         raise UserError(f"{source}: {key} must be a whole number, got {value!r}")
     return converted

@@ -18,7 +18,11 @@ def pick_device(requested: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise UserError(f"--device {requested}: not a torch device; use cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {requested}: not a device fer-tune trains on; use cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return torch.device("cpu")  # cpu:0 is the same device; one spelling keeps the CPU notes right
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
