@@ -271,8 +271,8 @@ def test_ctrl_c_stops_cleanly_and_writes_the_tables(ray_instance, toy_prepared, 
 
 
 def test_one_worker_train_trial_runs_without_a_process_group(ray_instance, tmp_path):
-    """A one-worker Ray Train trial skips torch.distributed's process group (its set-up cost 2-3 s
-    per trial; the DDP test below trains with one): the worker sees none, and reports reach Tune."""
+    """A one-worker Ray Train trial skips torch.distributed's process group (it has no peer; the DDP
+    test below trains with one): the worker sees none, and its reports reach Tune."""
     from ray import tune
 
     from fer_tune.search.trainable import TrialSetup, train_trial
