@@ -27,14 +27,18 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 900, 15m, 1.5h)") from None
 
 
+MAX_SEED = 2**32 - 1  # numpy's RandomState (Optuna's samplers) takes no negative seed and none above this
+
+
 def seed_value(text: str) -> int:
-    """A --seed: a whole number >= 0 (numpy's and torch's generators take no negative seeds)."""
+    """A --seed: a whole number from 0 to MAX_SEED."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seed: {text!r} (a whole number from 0 to {2**32 - 1})") from None
-    if not 0 <= value < 2**32:  # numpy's RandomState (Optuna's samplers) takes seeds below 2**32
-        raise argparse.ArgumentTypeError(f"invalid seed: {value} (a whole number from 0 to {2**32 - 1})")
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        shown = repr(text) if value is None else value
+        raise argparse.ArgumentTypeError(f"invalid seed: {shown} (a whole number from 0 to {MAX_SEED})")
     return value
 
 
@@ -118,7 +122,10 @@ def cmd_train(args) -> None:
 
     def discard() -> None:
         for path in (out.iterdir() if existed else [out]):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     try:
         result = train_run(cfg, dataset, out, device=device, progress=not args.quiet)
@@ -138,6 +145,25 @@ def cmd_train(args) -> None:
 
 
 # -- parser -----------------------------------------------------------------------------------
+
+class _Version(argparse.Action):
+    """--version, looked up only when asked: importlib.metadata scans the installed distributions,
+    about 35 ms that every command would otherwise pay at start-up."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0,
+                         help="print fer-tune's version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("fer-tune")
+        except PackageNotFoundError:  # run from a source tree without installing
+            installed = "unknown"
+        print(f"fer-tune {installed}")
+        parser.exit()
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with the project's error format: a bad flag is one line naming the command, what was
@@ -163,13 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hyperparameter search for facial expression recognition (Ray Tune + Optuna + ASHA).",
         epilog="Start with: fer-tune data prepare fer2013 PATH/TO/fer2013.zip; then fer-tune search --space cnn "
                "on a GPU cluster, or fer-tune search --space cpu --subset 0.5 --executor direct on one CPU machine")
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        installed = version("fer-tune")
-    except PackageNotFoundError:  # run from a source tree without installing
-        installed = "unknown"
-    parser.add_argument("--version", action="version", version=f"fer-tune {installed}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def data_root_flag(p):

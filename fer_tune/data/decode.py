@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fer_tune.data.classes import CLASSES, accepted_names, canonical_class
-from fer_tune.errors import UserError
+from fer_tune.errors import UserError, first_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -222,7 +222,7 @@ def why_undecodable(exc: BaseException) -> str:
     """Pillow's reason an image could not be read, in a user's words."""
     if isinstance(exc, UnidentifiedImageError):
         return "not an image format Pillow reads (jpg, png, bmp, webp, ...)"
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return first_line(exc)
 
 
 def _decode(source, member, size, rgb, required):

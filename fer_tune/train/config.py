@@ -47,7 +47,7 @@ def read_user_yaml(path: Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        what = getattr(exc, "problem", None) or first_line(exc)
         raise UserError(f"{path}: not valid YAML ({where}{what})") from None
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
