@@ -65,7 +65,7 @@ def cmd_data_prepare(args) -> None:
     from fer_tune import data
 
     data.prepare(args.source, args.path, name=args.name, data_root=args.data_root, size=args.size,
-                 rgb=args.rgb, val_fraction=args.val_fraction, seed=args.seed)
+                 rgb=args.rgb, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
 
 
 def cmd_data_info(args) -> None:
@@ -205,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rgb", action="store_true", help="keep colour (default: grayscale)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="stratified val slice of train where the source has no val split (default 0.1)")
-    p.add_argument("--seed", type=seed_value, default=0, help="seed of the val slice (default 0)")
+    p.add_argument("--test-fraction", type=float, default=0.1,
+                   help="stratified test slice of train where the source has no test split: image folders "
+                        "without test/ (default 0.1, taken before val)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the val and test slices (default 0)")
     data_root_flag(p)
     p.set_defaults(func=cmd_data_prepare)
     p = data_sub.add_parser("info", help="counts, shape and duplicate report of a prepared dataset")

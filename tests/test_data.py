@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -182,6 +183,7 @@ def test_fer2013_zip_round_trip(fer_zip, root):
 
     assert ds.meta["counts"]["val"]["sad"] == 3 and ds.meta["counts"]["train"]["fear"] == 4
     assert ds.meta["val_from"] == "PublicTest" and "val_fraction" not in ds.meta
+    assert ds.meta["test_from"] == "PrivateTest" and "test_fraction" not in ds.meta
     report = "\n".join(logs)
     assert "train" in report and "24" in report and "3 groups" in report and "conflicting labels: 1" in report
 
@@ -238,7 +240,7 @@ def test_rafdb_official_layouts(tmp_path, root, form, prefix):
     path = write_zip(tmp_path / "rafdb.zip", files) if form == "zip" else write_folder(tmp_path / "raf", files)
     ds = prepare("rafdb", path, data_root=root, val_fraction=0.2, log=lambda _: None)
     check_raf(ds, label_of)
-    assert ds.meta["val_fraction"] == 0.2 and ds.meta["seed"] == 0
+    assert ds.meta["val_fraction"] == 0.2 and ds.meta["seed"] == 0 and "test_fraction" not in ds.meta
     # Stratified: 10 train images per class, 2 of each go to val.
     assert all(n == 2 for n in ds.meta["counts"]["val"].values())
     expected_sha = hashlib.sha256(path.read_bytes()).hexdigest() if form == "zip" else content_digest(files)
@@ -531,9 +533,44 @@ def test_a_val_fraction_that_empties_train_says_so(tmp_path, root):
                call=lambda: prepare("imagefolder", path, data_root=root, val_fraction=0.99))
 
 
-def test_imagefolder_without_test_folder(tmp_path, root):
+def test_imagefolder_without_test_folder_slices_test_then_val_from_train(tmp_path, root):
     path = write_folder(tmp_path / "faces", imagefolder_files(("train",)))
-    user_error(root, str(path), "no test images found", call=lambda: prepare("imagefolder", path, data_root=root))
+    ds = prepare("imagefolder", path, data_root=root, test_fraction=0.25, val_fraction=0.34, seed=3, log=lambda _: None)
+    counts = ds.meta["counts"]
+    # 4 per class: a quarter to test, then a third of the 3 left to val.
+    assert all((counts["train"][c], counts["val"][c], counts["test"][c]) == (2, 1, 1) for c in CLASSES)
+    assert ds.meta["test_from"] == "stratified 25% of train (seed 3)" and ds.meta["test_fraction"] == 0.25
+    assert ds.meta["val_from"] == "stratified 34% of train (seed 3)"
+    assert "test: stratified 25% of train (seed 3)" in describe(ds.meta)
+    again = prepare("imagefolder", path, name="again", data_root=root, test_fraction=0.25, val_fraction=0.34, seed=3,
+                    log=lambda _: None)
+    assert np.array_equal(again.images, ds.images) and np.array_equal(again.split, ds.split)
+
+
+@pytest.mark.parametrize("form", ["folder", "zip"])
+def test_imagefolder_of_class_folders_alone(tmp_path, root, form):
+    """`<class>/<image>` with no split folders: all train, test and val sliced from it."""
+    files = {  # 8 per class: faces/Anger/Train-img0.png, ...
+        re.sub(r"faces/(\w+)/(\w+)/", r"faces/\2/\1-", m): d for m, d in imagefolder_files().items()
+    }
+    path = (write_zip(tmp_path / "jaffe.zip", files) if form == "zip" else write_folder(tmp_path / "jaffe", files))
+    ds = prepare("imagefolder", path, data_root=root, test_fraction=0.25, val_fraction=1 / 6, log=lambda _: None)
+    counts = ds.meta["counts"]
+    assert all((counts["train"][c], counts["val"][c], counts["test"][c]) == (5, 1, 2) for c in CLASSES)
+    assert ds.name == "jaffe" and ds.meta["source"]["layout"] == "class folders, no split folders"
+
+
+def test_imagefolder_of_class_folders_names_an_unknown_one(tmp_path, root):
+    files = {m.replace("faces/Train/", ""): d for m, d in imagefolder_files(("Train",)).items()}
+    files["Contemptuous/img0.png"] = files["calm/img0.png"]
+    path = write_folder(tmp_path / "faces", files)
+    user_error(root, "unknown class folder 'Contemptuous'", call=lambda: prepare("imagefolder", path, data_root=root))
+
+
+def test_fractions_that_empty_train_name_both_flags(tmp_path, root):
+    path = write_folder(tmp_path / "faces", imagefolder_files(("train",)))
+    user_error(root, "--test-fraction 0.5 and --val-fraction 0.9 left none for train: lower it",
+               call=lambda: prepare("imagefolder", path, data_root=root, test_fraction=0.5, val_fraction=0.9))
 
 
 @pytest.mark.parametrize("kind", ["zip", "folder"])
@@ -558,6 +595,7 @@ def test_corrupt_zip(tmp_path, root):
     ({"size": 0}, "--size 0"),
     ({"size": 100_000}, "--size 100000: must be 1 to 1024 pixels"),
     ({"val_fraction": 1.0}, "--val-fraction 1.0"),
+    ({"test_fraction": 0.0}, "--test-fraction 0.0: must lie strictly between 0 and 1"),
 ])
 def test_bad_options(fer_zip, root, kwargs, fragment):
     user_error(root, fragment, call=lambda: prepare("fer2013", fer_zip, data_root=root, **kwargs))

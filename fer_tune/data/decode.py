@@ -33,6 +33,7 @@ class RawDataset:
     layout: str  # human name of the layout that was read
     source_sha256: str
     val_from: str | None  # where val came from, None when it must be sliced from train
+    test_from: str | None = "the source's test split"  # None when it must be sliced from train
 
 
 class Source(abc.ABC):
@@ -155,6 +156,30 @@ def find_tree(source: Source, tops) -> tuple[str, list[tuple[str, str, str]]] | 
         parts = member.split("/")
         if len(parts) >= 3 and parts[-3].lower() in tops and member.lower().endswith(IMAGE_SUFFIXES):
             found.setdefault("".join(p + "/" for p in parts[:-3]), []).append((member, parts[-3], parts[-2]))
+    return _one_tree(source, found)
+
+
+def find_class_tree(source: Source) -> tuple[str, list[tuple[str, str]]] | None:
+    """Image members shaped `[prefix/]<class>/<file>`, where some class folder has an accepted class
+    name: (prefix, [(member, class folder)]) with every image folder beside it, or None."""
+    found = {}
+    for member in source.members:
+        parts = member.split("/")
+        if len(parts) >= 2 and canonical_class(parts[-2]) is not None and member.lower().endswith(IMAGE_SUFFIXES):
+            found.setdefault("".join(p + "/" for p in parts[:-2]), [])
+    tree = _one_tree(source, found)
+    if tree is None:
+        return None
+    prefix = tree[0]
+    depth = prefix.count("/") + 2
+    return prefix, [
+        (member, member.split("/")[-2]) for member in source.members
+        if member.startswith(prefix) and member.count("/") + 1 == depth and member.lower().endswith(IMAGE_SUFFIXES)
+    ]
+
+
+def _one_tree(source: Source, found: dict):
+    """The one (prefix, members) of `found`, None when empty; several trees are a UserError."""
     if len(found) > 1:
         trees = ", ".join(p or "./" for p in sorted(found))
         raise UserError(f"{source.path}: holds several dataset trees ({trees}); pass the folder of just one")

@@ -57,7 +57,8 @@ def _read_kaggle(source, tree, size, rgb):
     images, hashes = decode_images(source, members, size, rgb, required=("FER-2013", SIDE))
     return RawDataset(
         images, np.array(labels, np.int64), np.array(split, np.uint8), hashes,
-        layout="FER-2013 Kaggle folders", source_sha256=source.sha256(), val_from="PublicTest",
+        layout="FER-2013 Kaggle folders", source_sha256=source.sha256(),
+        val_from="PublicTest", test_from="PrivateTest",
     )
 
 
@@ -78,5 +79,5 @@ def _read_csv(source, member, size, rgb):
         raise UserError(f"{source.where(member)}: the CSV has no rows; download fer2013.csv again")
     return RawDataset(
         np.stack(images), np.array(labels, np.int64), np.array(split, np.uint8), hashes,
-        layout="fer2013.csv", source_sha256=source.sha256(), val_from="PublicTest",
+        layout="fer2013.csv", source_sha256=source.sha256(), val_from="PublicTest", test_from="PrivateTest",
     )

@@ -24,7 +24,7 @@ import numpy as np
 from fer_tune.data import fer2013, imagefolder, rafdb
 from fer_tune.data.classes import CLASSES
 from fer_tune.data.decode import file_sha256
-from fer_tune.data.splits import SPLITS, TEST, TRAIN, VAL, slice_val
+from fer_tune.data.splits import SPLITS, TEST, TRAIN, VAL, slice_train
 from fer_tune.errors import UserError
 
 FORMAT_VERSION = 1
@@ -32,7 +32,7 @@ ARRAYS = ("images", "labels", "split", "train_copy")
 READERS = {"fer2013": fer2013.read, "rafdb": rafdb.read, "imagefolder": imagefolder.read}
 DEFAULT_SIZE = 48
 MAX_SIZE = 1024  # a side beyond this is a typo: 35,887 FER images at 1024x1024 take 35 GiB
-DEFAULT_VAL_FRACTION, DEFAULT_SEED = 0.1, 0
+DEFAULT_VAL_FRACTION, DEFAULT_TEST_FRACTION, DEFAULT_SEED = 0.1, 0.1, 0
 
 
 def default_data_root(explicit: str | Path | None = None) -> Path:
@@ -98,6 +98,7 @@ def prepare(
     size: int | None = None,
     rgb: bool = False,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
     seed: int = DEFAULT_SEED,
     log=print,
 ) -> PreparedDataset:
@@ -112,27 +113,27 @@ def prepare(
         raise UserError(f"--name '{name}': not a valid dataset name; use letters, digits, '.', '_' and '-'")
     if size is not None and not 1 <= size <= MAX_SIZE:
         raise UserError(f"--size {size}: must be 1 to {MAX_SIZE} pixels (faces for these models: 48 to 224)")
-    if not 0 < val_fraction < 1:
-        raise UserError(f"--val-fraction {val_fraction}: must lie strictly between 0 and 1")
+    for flag, fraction in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0 < fraction < 1:
+            raise UserError(f"{flag} {fraction}: must lie strictly between 0 and 1")
 
     log(f"reading {path} as {source} ...")
     raw = READERS[source](path, size=size or DEFAULT_SIZE, rgb=rgb)
-    split = raw.split
-    val = {"val_from": raw.val_from}
-    if raw.val_from is None:
-        split = slice_val(split, raw.labels, val_fraction, seed)
-        val = {
-            "val_from": f"stratified {val_fraction:.0%} of train (seed {seed})",
-            "val_fraction": val_fraction,
-            "seed": seed,
-        }
+    split, origin, sliced = raw.split, {"val_from": raw.val_from, "test_from": raw.test_from}, []
+    # Test first, then val from what is left of train (as when the source brings its own test split).
+    for key, split_id, fraction in (("test", TEST, test_fraction), ("val", VAL, val_fraction)):
+        if origin[f"{key}_from"] is None:
+            split = slice_train(split, raw.labels, fraction, seed, split_id)
+            origin |= {f"{key}_from": f"stratified {fraction:.0%} of train (seed {seed})",
+                       f"{key}_fraction": fraction, "seed": seed}
+            sliced.append(f"--{key}-fraction {fraction}")
     order = np.argsort(split, kind="stable")
     images, labels, split = raw.images[order], raw.labels[order], split[order]
     missing = [name_ for split_id, name_ in enumerate(SPLITS) if not np.any(split == split_id)]
     if missing:
-        emptied = raw.val_from is None and "train" in missing and np.any(raw.split == TRAIN)
+        emptied = sliced and "train" in missing and np.any(raw.split == TRAIN)
         raise UserError(f"{path}: no {' or '.join(missing)} images found ({raw.layout}); every split needs images"
-                        + (f"; --val-fraction {val_fraction} left none for train: lower it" if emptied else ""))
+                        + (f"; {' and '.join(sliced)} left none for train: lower it" if emptied else ""))
     train_copy, duplicates = duplicate_report([raw.pixel_hash[i] for i in order], labels, split)
 
     meta = {
@@ -143,7 +144,7 @@ def prepare(
         "image_shape": list(images.shape[1:]),
         "counts": {s: {c: int(np.sum((split == i) & (labels == k))) for k, c in enumerate(CLASSES)}
                    for i, s in enumerate(SPLITS)},
-        **val,
+        **origin,
         "duplicates": duplicates,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -247,6 +248,7 @@ def describe(meta: dict) -> str:
         f"({'RGB' if channels == 3 else 'gray'}), from {src['path']} ({src['layout']})",
         f"source sha256 {src['sha256']}",
         f"val: {meta['val_from']}",
+        *([f"test: {meta['test_from']}"] if meta.get("test_from") else []),
     ]
     header = ["split", *classes, "total"]
     rows = [[s, *(counts[s][c] for c in classes), totals[s]] for s in SPLITS]
@@ -331,6 +333,8 @@ def _reprepare_command(path: Path, meta: dict) -> str:
         words.append("--rgb")
     if meta.get("val_fraction", DEFAULT_VAL_FRACTION) != DEFAULT_VAL_FRACTION:
         words += ["--val-fraction", str(meta["val_fraction"])]
+    if meta.get("test_fraction", DEFAULT_TEST_FRACTION) != DEFAULT_TEST_FRACTION:
+        words += ["--test-fraction", str(meta["test_fraction"])]
     if meta.get("seed", DEFAULT_SEED) != DEFAULT_SEED:
         words += ["--seed", str(meta["seed"])]
     if path.parent.resolve() != default_data_root().resolve():

@@ -1,4 +1,4 @@
-"""Split names and ids, and the stratified seeded slice that makes a validation split."""
+"""Split names and ids, and the stratified seeded slice of train that makes a val (or test) split."""
 
 import numpy as np
 
@@ -22,9 +22,9 @@ def stratified_count(members: int, fraction: float) -> int:
     return min(members, max(1, round(fraction * members))) if members else 0
 
 
-def slice_val(split: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A copy of `split` where a stratified `fraction` of the train images is moved to val."""
+def slice_train(split: np.ndarray, labels: np.ndarray, fraction: float, seed: int, to: int = VAL) -> np.ndarray:
+    """A copy of `split` where a stratified `fraction` of the train images is moved to split `to`."""
     train = np.flatnonzero(split == TRAIN)
     out = split.copy()
-    out[train[stratified_indices(labels[train], fraction, seed)]] = VAL
+    out[train[stratified_indices(labels[train], fraction, seed)]] = to
     return out
