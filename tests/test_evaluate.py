@@ -1,6 +1,7 @@
 """`fer-tune evaluate`: a checkpoint on a prepared dataset, on raw image folders, on a subset of classes."""
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -90,6 +91,13 @@ def test_raw_folder_with_a_missing_and_an_extra_class(model_path, tmp_path):
     assert np.array(m["all"]["confusion_matrix"]).shape == (6, 6)
     with pytest.raises(UserError, match=r"--split val: .* has no split folders \(<class>/<image>\), so all of its "):
         evaluate_checkpoint(model_path, root, split="val", log=lambda *a: None)  # was scored whole, silently
+    # The same tree one level down in a zip: the same images scored.
+    archive = tmp_path / "faces.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for file in sorted(root.rglob("*.png")):
+            z.write(file, f"faces/{file.relative_to(root)}")
+    zipped = evaluate_checkpoint(model_path, archive, log=lambda *a: None)
+    assert zipped["images"] == m["images"] and zipped["all"] == m["all"]
 
 
 def test_raw_folder_with_split_folders_and_errors(model_path, tmp_path):
@@ -109,6 +117,10 @@ def test_raw_folder_with_split_folders_and_errors(model_path, tmp_path):
     Image.fromarray(x[0, 0]).save(bad / "blah" / "a.png")
     with pytest.raises(UserError, match=r"unknown class folder\(s\) blah, smirk; rename them to one of: angry/"):
         evaluate_checkpoint(model_path, bad, log=lambda *a: None)
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(x[0, 0]).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(UserError, match=r"flat: no images in class folders found \(expected <class>/<image> or "):
+        evaluate_checkpoint(model_path, tmp_path / "flat", log=lambda *a: None)
     with pytest.raises(UserError, match="no prepared dataset 'nowhere'"):
         evaluate_checkpoint(model_path, "nowhere", data_root=tmp_path, log=lambda *a: None)
 
