@@ -560,11 +560,25 @@ def test_imagefolder_of_class_folders_alone(tmp_path, root, form):
     assert ds.name == "jaffe" and ds.meta["source"]["layout"] == "class folders, no split folders"
 
 
+def test_imagefolder_leaves_out_contempt_and_says_so(tmp_path, root):
+    """CK+ and AffectNet have classes no FER-2013 model has: their images are left out, counted."""
+    files = imagefolder_files()
+    files.update({m.replace("/calm/", "/Contempt/"): d for m, d in files.items() if "/calm/" in m})
+    files["faces/Train/non-face/x.png"] = files["faces/Train/calm/img0.png"]
+    path = write_zip(tmp_path / "ckplus.zip", files)
+    ds = prepare("imagefolder", path, data_root=root, log=lambda _: None)
+    assert sum(sum(c.values()) for c in ds.meta["counts"].values()) == 7 * 8 == len(ds.labels)
+    assert ds.meta["left_out"] == {"contempt": 8, "non-face": 1}
+    assert "left out, not among the 7 classes: 8 images of contempt, 1 image of non-face" in describe(ds.meta)
+    assert "left_out" not in prepare("imagefolder", write_zip(tmp_path / "plain.zip", imagefolder_files()),
+                                     data_root=root, log=lambda _: None).meta
+
+
 def test_imagefolder_of_class_folders_names_an_unknown_one(tmp_path, root):
     files = {m.replace("faces/Train/", ""): d for m, d in imagefolder_files(("Train",)).items()}
-    files["Contemptuous/img0.png"] = files["calm/img0.png"]
+    files["Smirk/img0.png"] = files["calm/img0.png"]
     path = write_folder(tmp_path / "faces", files)
-    user_error(root, "unknown class folder 'Contemptuous'", call=lambda: prepare("imagefolder", path, data_root=root))
+    user_error(root, "unknown class folder 'Smirk'", call=lambda: prepare("imagefolder", path, data_root=root))
 
 
 def test_fractions_that_empty_train_name_both_flags(tmp_path, root):

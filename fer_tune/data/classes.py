@@ -13,6 +13,12 @@ SYNONYMS = {
     "neutral": "neutral", "calm": "neutral",
 }
 
+# Classes of other datasets that are not one of the 7 (CK+'s and AffectNet's contempt, AffectNet's
+# none/uncertain/non-face): `data prepare imagefolder` leaves their images out and `evaluate` drops
+# them, each saying how many. Any other unknown folder name is an error (most likely a typo).
+EXTRA_CLASSES = {"contempt": "contempt", "contemptuous": "contempt", "none": "none", "uncertain": "uncertain",
+                 "non-face": "non-face", "nonface": "non-face", "no-face": "non-face"}
+
 # RAF-DB basic labels 1..7 = surprise, fear, disgust, happiness, sadness, anger, neutral.
 RAFDB_TO_CANONICAL = {1: 5, 2: 2, 3: 1, 4: 3, 5: 4, 6: 0, 7: 6}
 
@@ -20,6 +26,11 @@ RAFDB_TO_CANONICAL = {1: 5, 2: 2, 3: 1, 4: 3, 5: 4, 6: 0, 7: 6}
 def canonical_class(name: str) -> str | None:
     """The canonical class for a folder/label name, or None when we do not know it."""
     return SYNONYMS.get(name.strip().lower())
+
+
+def extra_class(name: str) -> str | None:
+    """The class of EXTRA_CLASSES a folder name means, or None."""
+    return EXTRA_CLASSES.get(name.strip().lower())
 
 
 def accepted_names() -> str:

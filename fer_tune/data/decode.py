@@ -9,7 +9,7 @@ import os
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -34,6 +34,7 @@ class RawDataset:
     source_sha256: str
     val_from: str | None  # where val came from, None when it must be sliced from train
     test_from: str | None = "the source's test split"  # None when it must be sliced from train
+    left_out: dict[str, int] = field(default_factory=dict)  # images of classes not among the 7, by class
 
 
 class Source(abc.ABC):

@@ -6,8 +6,11 @@ folders may use any name in SYNONYMS. Images of any size and mode are converted 
 and resized to the stored size.
 """
 
+from collections import Counter
+
 import numpy as np
 
+from fer_tune.data.classes import extra_class
 from fer_tune.data.decode import (
     IMAGE_SUFFIXES, RawDataset, class_id, decode_images, find_class_tree, find_tree, open_source,
 )
@@ -45,7 +48,10 @@ def read(path, *, size: int, rgb: bool) -> RawDataset:
 
 
 def _read(source, images: list[tuple[str, str, str]], size: int, rgb: bool, layout: str) -> RawDataset:
-    """Decode (member, split folder, class folder) triples."""
+    """Decode (member, split folder, class folder) triples; leave out the classes that are not among
+    the 7 (a CK+ contempt folder), counting them."""
+    left_out = Counter(extra_class(folder) for _, _, folder in images if extra_class(folder))
+    images = [image for image in images if not extra_class(image[2])]
     members = [member for member, _, _ in images]
     labels = [class_id(source.where(m.rsplit("/", 1)[0]), folder) for m, _, folder in images]
     split = [SPLIT_FOLDERS[top.lower()] for _, top, _ in images]
@@ -54,5 +60,5 @@ def _read(source, images: list[tuple[str, str, str]], size: int, rgb: bool, layo
         pixels, np.array(labels, np.int64), np.array(split, np.uint8), hashes,
         layout=layout, source_sha256=source.sha256(),
         val_from="val folder" if VAL in split else None,
-        test_from="test folder" if TEST in split else None,
+        test_from="test folder" if TEST in split else None, left_out=dict(sorted(left_out.items())),
     )

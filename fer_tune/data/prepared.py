@@ -145,6 +145,7 @@ def prepare(
         "counts": {s: {c: int(np.sum((split == i) & (labels == k))) for k, c in enumerate(CLASSES)}
                    for i, s in enumerate(SPLITS)},
         **origin,
+        **({"left_out": raw.left_out} if raw.left_out else {}),
         "duplicates": duplicates,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -248,8 +249,12 @@ def describe(meta: dict) -> str:
         f"({'RGB' if channels == 3 else 'gray'}), from {src['path']} ({src['layout']})",
         f"source sha256 {src['sha256']}",
         f"val: {meta['val_from']}",
-        *([f"test: {meta['test_from']}"] if meta.get("test_from") else []),
     ]
+    if meta.get("test_from"):  # not in datasets prepared before it was recorded
+        lines.append(f"test: {meta['test_from']}")
+    if meta.get("left_out"):
+        left_out = ", ".join(f"{n} image{'s' * (n != 1)} of {c}" for c, n in meta["left_out"].items())
+        lines.append(f"left out, not among the {len(classes)} classes: {left_out}")
     header = ["split", *classes, "total"]
     rows = [[s, *(counts[s][c] for c in classes), totals[s]] for s in SPLITS]
     rows.append(["all", *(sum(counts[s][c] for s in SPLITS) for c in classes), sum(totals.values())])

@@ -17,17 +17,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fer_tune.data.classes import CLASSES, accepted_names, canonical_class
+from fer_tune.data.classes import CLASSES, EXTRA_CLASSES, accepted_names, canonical_class, extra_class
 from fer_tune.errors import UserError
 from fer_tune.train.checkpoint import load_checkpoint, model_from_checkpoint
 from fer_tune.train.metrics import confusion_matrix, scores_from_confusion
 from fer_tune.train.runtime import pick_device, predict_views, tta_description, tta_mode, tta_mode_described
-
-# Emotion classes of other datasets that no FER-2013/RAF-DB model has (CK+ and AffectNet's
-# contempt, AffectNet's none/uncertain/non-face): images of these are dropped with a note.
-# Any other unknown folder name is an error (most likely a typo).
-KNOWN_EXTRA_CLASSES = {"contempt": "contempt", "contemptuous": "contempt", "none": "none",
-                       "uncertain": "uncertain", "non-face": "non-face", "nonface": "non-face", "no-face": "non-face"}
 
 
 @dataclass
@@ -268,16 +262,16 @@ def read_image_folder(path: Path, *, split: str = "test", img_size: int = 48, rg
                                 "images are scored; leave --split out")
             picked = [member for member, _ in classes_only[1]]
         folders = sorted({m.split("/")[-2] for m in picked})
-        unknown = [f for f in folders if canonical_class(f) is None and f.strip().lower() not in KNOWN_EXTRA_CLASSES]
+        unknown = [f for f in folders if canonical_class(f) is None and extra_class(f) is None]
         if unknown:
             raise UserError(f"{path}: unknown class folder(s) {', '.join(unknown)}; rename them to one of: "
-                            f"{accepted_names()} (or {', '.join(sorted(set(KNOWN_EXTRA_CLASSES.values())))}, "
+                            f"{accepted_names()} (or {', '.join(sorted(set(EXTRA_CLASSES.values())))}, "
                             "which are dropped)")
-        extra = sorted({KNOWN_EXTRA_CLASSES[f.strip().lower()] for f in folders if canonical_class(f) is None})
+        extra = sorted({extra_class(f) for f in folders if canonical_class(f) is None})
         classes = tuple(CLASSES) + tuple(extra)
 
         def label(folder: str) -> int:
-            name = canonical_class(folder) or KNOWN_EXTRA_CLASSES[folder.strip().lower()]
+            name = canonical_class(folder) or extra_class(folder)
             return classes.index(name)
 
         labels = np.array([label(m.split("/")[-2]) for m in picked], dtype=np.int64)
