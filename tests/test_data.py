@@ -554,9 +554,10 @@ def test_imagefolder_of_class_folders_alone(tmp_path, root, form):
         re.sub(r"faces/(\w+)/(\w+)/", r"faces/\2/\1-", m): d for m, d in imagefolder_files().items()
     }
     path = (write_zip(tmp_path / "jaffe.zip", files) if form == "zip" else write_folder(tmp_path / "jaffe", files))
-    ds = prepare("imagefolder", path, data_root=root, test_fraction=0.25, val_fraction=1 / 6, log=lambda _: None)
+    ds = prepare("imagefolder", path, data_root=root, test_fraction=0.5, val_fraction=0.25, log=lambda _: None)
     counts = ds.meta["counts"]
-    assert all((counts["train"][c], counts["val"][c], counts["test"][c]) == (5, 1, 2) for c in CLASSES)
+    # Test first (4 of 8), then val from the 4 left (1); val first would give 3 / 2 / 3.
+    assert all((counts["train"][c], counts["val"][c], counts["test"][c]) == (3, 1, 4) for c in CLASSES)
     assert ds.name == "jaffe" and ds.meta["source"]["layout"] == "class folders, no split folders"
 
 
@@ -581,9 +582,51 @@ def test_imagefolder_of_class_folders_names_an_unknown_one(tmp_path, root):
     user_error(root, "unknown class folder 'Smirk'", call=lambda: prepare("imagefolder", path, data_root=root))
 
 
+def class_tree(per_class: int = 8, small: dict | None = None) -> dict[str, bytes]:
+    """`faces/<class>/<image>` with `per_class` images a class (`small`: fewer for some classes)."""
+    small = small or {}
+    return {f"faces/{c}/img{i}.png": encode(noise(100 * k + i), "PNG")
+            for k, c in enumerate(CLASSES) for i in range(small.get(c, per_class))}
+
+
+def test_a_class_too_small_to_slice_from_is_named(tmp_path, root):
+    path = write_folder(tmp_path / "faces", class_tree(small={"fear": 2}))
+    user_error(root, "fear (2 images): too few to slice test and val from and keep some for train",
+               call=lambda: prepare("imagefolder", path, data_root=root))
+
+
+@pytest.mark.parametrize("stray, shape", [
+    ("faces/happy/S010/x.png", "<class>/<image>"),  # CK+'s per-subject folders inside a class folder
+    ("faces/cover.png", "<class>/<image>"),
+])
+def test_images_outside_the_layout_are_not_dropped_silently(tmp_path, root, stray, shape):
+    files = class_tree()
+    files[stray] = files["faces/happy/img0.png"]
+    path = write_zip(tmp_path / "faces.zip", files)
+    user_error(root, f"{path}/{stray}: not laid out as {shape} (1 image(s) like it)",
+               call=lambda: prepare("imagefolder", path, data_root=root))
+    files = imagefolder_files()
+    files["faces/Train/x.png"] = files["faces/Train/calm/img0.png"]  # no class folder
+    path = write_zip(tmp_path / "split.zip", files)
+    user_error(root, f"{path}/faces/Train/x.png: not laid out as <split>/<class>/<image>",
+               call=lambda: prepare("imagefolder", path, data_root=root))
+
+
+def test_training_and_testing_split_folders(tmp_path, root):
+    path = write_folder(tmp_path / "faces", imagefolder_files(("training", "Testing")))
+    ds = prepare("imagefolder", path, data_root=root, log=lambda _: None)
+    assert ds.meta["test_from"] == "test folder" and all(ds.meta["counts"]["test"][c] == 4 for c in CLASSES)
+
+
+def test_only_classes_outside_the_seven(tmp_path, root):
+    path = write_folder(tmp_path / "faces", {"faces/contempt/a.png": encode(noise(1), "PNG")})
+    user_error(root, "no train or val or test images found", "(left out, not among the 7 classes: 1 of contempt)",
+               call=lambda: prepare("imagefolder", path, data_root=root))
+
+
 def test_fractions_that_empty_train_name_both_flags(tmp_path, root):
     path = write_folder(tmp_path / "faces", imagefolder_files(("train",)))
-    user_error(root, "--test-fraction 0.5 and --val-fraction 0.9 left none for train: lower it",
+    user_error(root, "--test-fraction 0.5 and --val-fraction 0.9 left none for train: lower them",
                call=lambda: prepare("imagefolder", path, data_root=root, test_fraction=0.5, val_fraction=0.9))
 
 

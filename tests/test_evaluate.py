@@ -119,7 +119,7 @@ def test_raw_folder_with_split_folders_and_errors(model_path, tmp_path):
         evaluate_checkpoint(model_path, bad, log=lambda *a: None)
     (tmp_path / "flat").mkdir()
     Image.fromarray(x[0, 0]).save(tmp_path / "flat" / "a.png")
-    with pytest.raises(UserError, match=r"flat: no images in class folders found \(expected <class>/<image> or "):
+    with pytest.raises(UserError, match=r"flat: no image folders found; expected <split>/<class>/<image> with "):
         evaluate_checkpoint(model_path, tmp_path / "flat", log=lambda *a: None)
     with pytest.raises(UserError, match="no prepared dataset 'nowhere'"):
         evaluate_checkpoint(model_path, "nowhere", data_root=tmp_path, log=lambda *a: None)

@@ -16,7 +16,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fer_tune.data.classes import CLASSES, accepted_names, canonical_class
+from fer_tune.data.classes import CLASSES, accepted_names, canonical_class, extra_class
 from fer_tune.errors import UserError, first_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -33,7 +33,7 @@ class RawDataset:
     layout: str  # human name of the layout that was read
     source_sha256: str
     val_from: str | None  # where val came from, None when it must be sliced from train
-    test_from: str | None = "the source's test split"  # None when it must be sliced from train
+    test_from: str | None  # where test came from, None when it must be sliced from train
     left_out: dict[str, int] = field(default_factory=dict)  # images of classes not among the 7, by class
 
 
@@ -161,12 +161,14 @@ def find_tree(source: Source, tops) -> tuple[str, list[tuple[str, str, str]]] | 
 
 
 def find_class_tree(source: Source) -> tuple[str, list[tuple[str, str]]] | None:
-    """Image members shaped `[prefix/]<class>/<file>`, where some class folder has an accepted class
-    name: (prefix, [(member, class folder)]) with every image folder beside it, or None."""
+    """Image members shaped `[prefix/]<class>/<file>`, where some class folder has the name of a class
+    (of the 7 or of EXTRA_CLASSES): (prefix, [(member, class folder)]) with every image folder beside
+    it, or None."""
     found = {}
     for member in source.members:
         parts = member.split("/")
-        if len(parts) >= 2 and canonical_class(parts[-2]) is not None and member.lower().endswith(IMAGE_SUFFIXES):
+        if len(parts) >= 2 and (canonical_class(parts[-2]) or extra_class(parts[-2])) \
+                and member.lower().endswith(IMAGE_SUFFIXES):
             found.setdefault("".join(p + "/" for p in parts[:-2]), [])
     tree = _one_tree(source, found)
     if tree is None:

@@ -17,34 +17,53 @@ from fer_tune.data.decode import (
 from fer_tune.data.splits import TEST, TRAIN, VAL
 from fer_tune.errors import UserError
 
-SPLIT_FOLDERS = {"train": TRAIN, "val": VAL, "valid": VAL, "validation": VAL, "test": TEST}
-LAYOUT = ("<split>/<class>/<image> with split folders train, val|valid|validation and test (both optional), "
-          "or <class>/<image>")
+SPLIT_FOLDERS = {"train": TRAIN, "training": TRAIN, "val": VAL, "valid": VAL, "validation": VAL,
+                 "test": TEST, "testing": TEST}
+SPLIT_NAMES = "train|training, val|valid|validation and test|testing"
+LAYOUT = f"<split>/<class>/<image> with split folders {SPLIT_NAMES} (val and test optional), or <class>/<image>"
 
 
 def read(path, *, size: int, rgb: bool) -> RawDataset:
     """Read an image-folder tree from a zip or folder."""
     with open_source(path, f"a zip or folder laid out as {LAYOUT}") as source:
-        tree = find_tree(source, SPLIT_FOLDERS)
-        if tree is None:
-            classes_only = find_class_tree(source)
-            if classes_only is None:
-                raise UserError(f"{path}: no image folders found; expected {LAYOUT}")
-            images = [(member, "train", folder) for member, folder in classes_only[1]]
-            return _read(source, images, size, rgb, layout="class folders, no split folders")
+        images, split_level = find_images(source)
+        layout = "image folders" if split_level else "class folders, no split folders"
+        return _read(source, images, size, rgb, layout=layout)
+
+
+def find_images(source) -> tuple[list[tuple[str, str, str]], bool]:
+    """The images of an image-folder tree as (member, split folder, class folder), and whether the
+    tree has split folders (a tree of class folders alone gets split folder "train"). Used by
+    `fer-tune evaluate` too. No tree, or an image outside the tree's layout, is a UserError."""
+    tree = find_tree(source, SPLIT_FOLDERS)
+    if tree is not None:
         prefix, images = tree
-        depth = prefix.count("/") + 3
-        for member in source.members:
-            parts = member.split("/")
-            if (
-                member.startswith(prefix) and len(parts) == depth and member.lower().endswith(IMAGE_SUFFIXES)
-                and parts[-3].lower() not in SPLIT_FOLDERS
-            ):
-                raise UserError(
-                    f"{source.where(prefix + parts[-3])}: unknown split folder '{parts[-3]}'; "
-                    "expected train, val|valid|validation or test"
-                )
-        return _read(source, images, size, rgb, layout="image folders")
+    else:
+        classes_only = find_class_tree(source)
+        if classes_only is None:
+            raise UserError(f"{source.path}: no image folders found; expected {LAYOUT}")
+        prefix, images = classes_only[0], [(member, "train", folder) for member, folder in classes_only[1]]
+    _refuse_strays(source, prefix, images, split_level=tree is not None)
+    return images, tree is not None
+
+
+def _refuse_strays(source, prefix: str, images: list[tuple[str, str, str]], split_level: bool) -> None:
+    """No image under the tree's folder is silently left out: one outside the layout (in a subfolder
+    of a class folder, an unknown split folder, beside the class folders) is a UserError."""
+    chosen = {member for member, _, _ in images}
+    strays = [m for m in source.members
+              if m.startswith(prefix) and m.lower().endswith(IMAGE_SUFFIXES) and m not in chosen]
+    if not strays:
+        return
+    if split_level:
+        for member in strays:
+            top = member[len(prefix):].split("/")
+            if len(top) == 3:
+                raise UserError(f"{source.where(prefix + top[0])}: unknown split folder '{top[0]}'; "
+                                f"expected {SPLIT_NAMES}")
+    shape = "<split>/<class>/<image>" if split_level else "<class>/<image>"
+    raise UserError(f"{source.where(strays[0])}: not laid out as {shape} ({len(strays)} image(s) like it); move them "
+                    "into class folders or out of the dataset's folder")
 
 
 def _read(source, images: list[tuple[str, str, str]], size: int, rgb: bool, layout: str) -> RawDataset:

@@ -132,8 +132,18 @@ def prepare(
     missing = [name_ for split_id, name_ in enumerate(SPLITS) if not np.any(split == split_id)]
     if missing:
         emptied = sliced and "train" in missing and np.any(raw.split == TRAIN)
+        left_out = ", ".join(f"{n} of {c}" for c, n in raw.left_out.items())
         raise UserError(f"{path}: no {' or '.join(missing)} images found ({raw.layout}); every split needs images"
-                        + (f"; {' and '.join(sliced)} left none for train: lower it" if emptied else ""))
+                        + (f"; {' and '.join(sliced)} left none for train: lower {'them' if len(sliced) > 1 else 'it'}"
+                           if emptied else "")
+                        + (f" (left out, not among the 7 classes: {left_out})" if left_out else ""))
+    if sliced:  # a class too small to slice from (at least one image each goes to test and val) loses train
+        had = np.bincount(raw.labels[raw.split == TRAIN], minlength=len(CLASSES))
+        has = np.bincount(labels[split == TRAIN], minlength=len(CLASSES))
+        lost = [f"{c} ({had[k]} image{'s' * int(had[k] != 1)})" for k, c in enumerate(CLASSES) if had[k] and not has[k]]
+        if lost:
+            raise UserError(f"{path}: {', '.join(lost)}: too few to slice test and val from and keep some for train; "
+                            "add images, or give the source test/ and val/ folders")
     train_copy, duplicates = duplicate_report([raw.pixel_hash[i] for i in order], labels, split)
 
     meta = {

@@ -38,7 +38,7 @@ def read(path, *, size: int, rgb: bool) -> RawDataset:
         images, hashes = decode_images(source, members, size, rgb)
         return RawDataset(
             images, np.array(labels, np.int64), np.array(split, np.uint8), hashes,
-            layout=layout, source_sha256=source.sha256(), val_from=None,
+            layout=layout, source_sha256=source.sha256(), val_from=None, test_from="RAF-DB test",
         )
 
 

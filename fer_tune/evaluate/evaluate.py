@@ -240,27 +240,24 @@ def read_image_folder(path: Path, *, split: str = "test", img_size: int = 48, rg
     """`<root>/<class>/<image>` or `<root>/<split>/<class>/<image>` (folder or zip), decoded and
     resized as `fer-tune data prepare` does. Class folders: any accepted spelling of the 7 classes,
     plus known extra emotions (contempt, ...) that are kept as their own class to be dropped."""
-    from fer_tune.data.decode import decode_images, find_class_tree, find_tree, open_source
-    from fer_tune.data.imagefolder import SPLIT_FOLDERS
+    from fer_tune.data.decode import decode_images, open_source
+    from fer_tune.data.imagefolder import SPLIT_FOLDERS, find_images
 
     layouts = "<class>/<image> or <split>/<class>/<image>"
     with open_source(path, f"a prepared dataset, or an image folder laid out as {layouts}") as source:
-        tree = find_tree(source, SPLIT_FOLDERS)  # the layouts `fer-tune data prepare imagefolder` reads
-        if tree is not None:
-            wanted = {k for k, v in SPLIT_FOLDERS.items() if v == SPLIT_FOLDERS.get(split, -1)} or {split}
-            picked = [member for member, top, _ in tree[1] if top.lower() in wanted]
+        images, split_level = find_images(source)  # the layouts `fer-tune data prepare imagefolder` reads
+        if split_level:
+            wanted = {k for k, v in SPLIT_FOLDERS.items() if v == SPLIT_FOLDERS.get(split, -1)}
+            picked = [member for member, top, _ in images if top.lower() in wanted]
             if not picked:
-                found = sorted({top for _, top, _ in tree[1]})
+                found = sorted({top for _, top, _ in images})
                 raise UserError(f"{path}: no '{split}' split folder (found {', '.join(found)}); pass --split with "
                                 "one of them")
         else:
-            classes_only = find_class_tree(source)
-            if classes_only is None:
-                raise UserError(f"{path}: no images in class folders found (expected {layouts})")
             if split != "test":  # the default; a folder of class folders is scored whole
                 raise UserError(f"--split {split}: {path} has no split folders (<class>/<image>), so all of its "
                                 "images are scored; leave --split out")
-            picked = [member for member, _ in classes_only[1]]
+            picked = [member for member, _, _ in images]
         folders = sorted({m.split("/")[-2] for m in picked})
         unknown = [f for f in folders if canonical_class(f) is None and extra_class(f) is None]
         if unknown:
@@ -277,7 +274,7 @@ def read_image_folder(path: Path, *, split: str = "test", img_size: int = 48, rg
         labels = np.array([label(m.split("/")[-2]) for m in picked], dtype=np.int64)
         log(f"decoding {len(picked)} images from {path} ...")
         pixels, _ = decode_images(source, picked, img_size, rgb)
-    where = f"{path}" + (f" {split}" if tree is not None else "")
+    where = f"{path}" + (f" {split}" if split_level else "")
     return EvalData(pixels, labels, classes, None, name=where,
                     notes=["no train_copy scores for a raw image folder (they need a prepared dataset's record of "
                            "which test images have a copy in train)"])
