@@ -620,7 +620,7 @@ def test_training_and_testing_split_folders(tmp_path, root):
 
 def test_only_classes_outside_the_seven(tmp_path, root):
     path = write_folder(tmp_path / "faces", {"faces/contempt/a.png": encode(noise(1), "PNG")})
-    user_error(root, "no train or val or test images found", "(left out, not among the 7 classes: 1 of contempt)",
+    user_error(root, "no train or val or test images found", "(left out, not among the 7 classes: 1 image of contempt)",
                call=lambda: prepare("imagefolder", path, data_root=root))
 
 

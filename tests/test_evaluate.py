@@ -78,7 +78,7 @@ def test_raw_folder_with_a_missing_and_an_extra_class(model_path, tmp_path):
     assert contempt > 0
     assert m["images"] == 120 - contempt
     assert m["classes"] == ["angry", "disgust", "fear", "happy", "sad", "surprise"]
-    assert any(f"dropped {contempt} image(s) of contempt" in n for n in m["notes"])
+    assert any(f"dropped {contempt} image{'s' * (contempt != 1)} of contempt" in n for n in m["notes"])
     assert any("no images of neutral" in n and "6 shared classes" in n for n in m["notes"])
     assert "no_train_copy" not in m
     # Predictions restricted to the shared classes: the argmax over the first six model classes.

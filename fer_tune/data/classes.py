@@ -33,6 +33,11 @@ def extra_class(name: str) -> str | None:
     return EXTRA_CLASSES.get(name.strip().lower())
 
 
+def count_images(counts: dict[str, int]) -> str:
+    """Image counts by class in words: '8 images of contempt, 1 image of non-face'."""
+    return ", ".join(f"{n} image{'s' * (n != 1)} of {c}" for c, n in counts.items())
+
+
 def accepted_names() -> str:
     """Every accepted class name, grouped by canonical class, for error messages."""
     return ", ".join("/".join(n for n, c in SYNONYMS.items() if c == cls) for cls in CLASSES)

@@ -16,7 +16,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fer_tune.data.classes import CLASSES, accepted_names, canonical_class, extra_class
+from fer_tune.data.classes import CLASSES, accepted_names, canonical_class
 from fer_tune.errors import UserError, first_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -157,31 +157,10 @@ def find_tree(source: Source, tops) -> tuple[str, list[tuple[str, str, str]]] | 
         parts = member.split("/")
         if len(parts) >= 3 and parts[-3].lower() in tops and member.lower().endswith(IMAGE_SUFFIXES):
             found.setdefault("".join(p + "/" for p in parts[:-3]), []).append((member, parts[-3], parts[-2]))
-    return _one_tree(source, found)
+    return one_tree(source, found)
 
 
-def find_class_tree(source: Source) -> tuple[str, list[tuple[str, str]]] | None:
-    """Image members shaped `[prefix/]<class>/<file>`, where some class folder has the name of a class
-    (of the 7 or of EXTRA_CLASSES): (prefix, [(member, class folder)]) with every image folder beside
-    it, or None."""
-    found = {}
-    for member in source.members:
-        parts = member.split("/")
-        if len(parts) >= 2 and (canonical_class(parts[-2]) or extra_class(parts[-2])) \
-                and member.lower().endswith(IMAGE_SUFFIXES):
-            found.setdefault("".join(p + "/" for p in parts[:-2]), [])
-    tree = _one_tree(source, found)
-    if tree is None:
-        return None
-    prefix = tree[0]
-    depth = prefix.count("/") + 2
-    return prefix, [
-        (member, member.split("/")[-2]) for member in source.members
-        if member.startswith(prefix) and member.count("/") + 1 == depth and member.lower().endswith(IMAGE_SUFFIXES)
-    ]
-
-
-def _one_tree(source: Source, found: dict):
+def one_tree(source: Source, found: dict):
     """The one (prefix, members) of `found`, None when empty; several trees are a UserError."""
     if len(found) > 1:
         trees = ", ".join(p or "./" for p in sorted(found))

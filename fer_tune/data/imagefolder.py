@@ -10,9 +10,9 @@ from collections import Counter
 
 import numpy as np
 
-from fer_tune.data.classes import extra_class
+from fer_tune.data.classes import canonical_class, extra_class
 from fer_tune.data.decode import (
-    IMAGE_SUFFIXES, RawDataset, class_id, decode_images, find_class_tree, find_tree, open_source,
+    IMAGE_SUFFIXES, RawDataset, Source, class_id, decode_images, find_tree, one_tree, open_source,
 )
 from fer_tune.data.splits import TEST, TRAIN, VAL
 from fer_tune.errors import UserError
@@ -39,12 +39,33 @@ def find_images(source) -> tuple[list[tuple[str, str, str]], bool]:
     if tree is not None:
         prefix, images = tree
     else:
-        classes_only = find_class_tree(source)
+        classes_only = _find_class_tree(source)
         if classes_only is None:
             raise UserError(f"{source.path}: no image folders found; expected {LAYOUT}")
         prefix, images = classes_only[0], [(member, "train", folder) for member, folder in classes_only[1]]
     _refuse_strays(source, prefix, images, split_level=tree is not None)
     return images, tree is not None
+
+
+def _find_class_tree(source: Source) -> tuple[str, list[tuple[str, str]]] | None:
+    """Image members shaped `[prefix/]<class>/<file>`, where some class folder has the name of a class
+    (of the 7 or of EXTRA_CLASSES): (prefix, [(member, class folder)]) with every image folder beside
+    it, or None."""
+    found = {}
+    for member in source.members:
+        parts = member.split("/")
+        if len(parts) >= 2 and (canonical_class(parts[-2]) or extra_class(parts[-2])) \
+                and member.lower().endswith(IMAGE_SUFFIXES):
+            found.setdefault("".join(p + "/" for p in parts[:-2]), [])
+    tree = one_tree(source, found)
+    if tree is None:
+        return None
+    prefix = tree[0]
+    depth = prefix.count("/") + 2
+    return prefix, [
+        (member, member.split("/")[-2]) for member in source.members
+        if member.startswith(prefix) and member.count("/") + 1 == depth and member.lower().endswith(IMAGE_SUFFIXES)
+    ]
 
 
 def _refuse_strays(source, prefix: str, images: list[tuple[str, str, str]], split_level: bool) -> None:
@@ -69,8 +90,9 @@ def _refuse_strays(source, prefix: str, images: list[tuple[str, str, str]], spli
 def _read(source, images: list[tuple[str, str, str]], size: int, rgb: bool, layout: str) -> RawDataset:
     """Decode (member, split folder, class folder) triples; leave out the classes that are not among
     the 7 (a CK+ contempt folder), counting them."""
-    left_out = Counter(extra_class(folder) for _, _, folder in images if extra_class(folder))
-    images = [image for image in images if not extra_class(image[2])]
+    extra = [extra_class(folder) for _, _, folder in images]
+    left_out = Counter(e for e in extra if e)
+    images = [image for image, e in zip(images, extra) if not e]
     members = [member for member, _, _ in images]
     labels = [class_id(source.where(m.rsplit("/", 1)[0]), folder) for m, _, folder in images]
     split = [SPLIT_FOLDERS[top.lower()] for _, top, _ in images]

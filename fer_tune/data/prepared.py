@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fer_tune.data import fer2013, imagefolder, rafdb
-from fer_tune.data.classes import CLASSES
+from fer_tune.data.classes import CLASSES, count_images
 from fer_tune.data.decode import file_sha256
 from fer_tune.data.splits import SPLITS, TEST, TRAIN, VAL, slice_train
 from fer_tune.errors import UserError
@@ -132,7 +132,7 @@ def prepare(
     missing = [name_ for split_id, name_ in enumerate(SPLITS) if not np.any(split == split_id)]
     if missing:
         emptied = sliced and "train" in missing and np.any(raw.split == TRAIN)
-        left_out = ", ".join(f"{n} of {c}" for c, n in raw.left_out.items())
+        left_out = count_images(raw.left_out)
         raise UserError(f"{path}: no {' or '.join(missing)} images found ({raw.layout}); every split needs images"
                         + (f"; {' and '.join(sliced)} left none for train: lower {'them' if len(sliced) > 1 else 'it'}"
                            if emptied else "")
@@ -263,8 +263,7 @@ def describe(meta: dict) -> str:
     if meta.get("test_from"):  # not in datasets prepared before it was recorded
         lines.append(f"test: {meta['test_from']}")
     if meta.get("left_out"):
-        left_out = ", ".join(f"{n} image{'s' * (n != 1)} of {c}" for c, n in meta["left_out"].items())
-        lines.append(f"left out, not among the {len(classes)} classes: {left_out}")
+        lines.append(f"left out, not among the {len(classes)} classes: {count_images(meta['left_out'])}")
     header = ["split", *classes, "total"]
     rows = [[s, *(counts[s][c] for c in classes), totals[s]] for s in SPLITS]
     rows.append(["all", *(sum(counts[s][c] for s in SPLITS) for c in classes), sum(totals.values())])

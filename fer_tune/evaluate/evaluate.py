@@ -17,7 +17,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fer_tune.data.classes import CLASSES, EXTRA_CLASSES, accepted_names, canonical_class, extra_class
+from fer_tune.data.classes import (
+    CLASSES, EXTRA_CLASSES, accepted_names, canonical_class, count_images, extra_class,
+)
 from fer_tune.errors import UserError
 from fer_tune.train.checkpoint import load_checkpoint, model_from_checkpoint
 from fer_tune.train.metrics import confusion_matrix, scores_from_confusion
@@ -199,7 +201,7 @@ def evaluation_metrics(probs: np.ndarray, data: EvalData, model_classes: Sequenc
     keep = np.isin(data.labels, [data.classes.index(c) for c in shared])
     if data_only:
         counts = {c: int(np.sum(data.labels == data.classes.index(c))) for c in data_only}
-        notes.append("dropped " + ", ".join(f"{n} image(s) of {c}" for c, n in counts.items())
+        notes.append(f"dropped {count_images(counts)}"
                      + ": the model has no such class")
     if model_only:
         notes.append(f"the data has no images of {', '.join(model_only)}: evaluated on the {len(shared)} shared "
