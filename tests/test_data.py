@@ -575,11 +575,12 @@ def test_imagefolder_leaves_out_contempt_and_says_so(tmp_path, root):
                                      data_root=root, log=lambda _: None).meta
 
 
-def test_imagefolder_of_class_folders_names_an_unknown_one(tmp_path, root):
+def test_imagefolder_of_class_folders_names_every_unknown_one(tmp_path, root):
     files = {m.replace("faces/Train/", ""): d for m, d in imagefolder_files(("Train",)).items()}
-    files["Smirk/img0.png"] = files["calm/img0.png"]
+    files["Smirk/img0.png"] = files["Wink/img0.png"] = files["Wink/img1.png"] = files["calm/img0.png"]
     path = write_folder(tmp_path / "faces", files)
-    user_error(root, "unknown class folder 'Smirk'", call=lambda: prepare("imagefolder", path, data_root=root))
+    user_error(root, "unknown class folders ", "'Smirk'", "'Wink'", "rename them to one of: angry/",
+               call=lambda: prepare("imagefolder", path, data_root=root))
 
 
 def class_tree(per_class: int = 8, small: dict | None = None) -> dict[str, bytes]:

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from fer_tune.data.decode import (
-    RawDataset, class_id, csv_rows, decode_images, find_tree, open_source, parse_label, parse_pixels,
+    RawDataset, class_ids, csv_rows, decode_images, find_tree, open_source, parse_label, parse_pixels,
     pixel_digest, to_stored,
 )
 from fer_tune.data.splits import TEST, TRAIN, VAL
@@ -37,8 +37,8 @@ def read(path, *, size: int, rgb: bool) -> RawDataset:
 
 
 def _read_kaggle(source, tree, size, rgb):
-    members, labels, split = [], [], []
-    for member, top, folder in tree:
+    members, split = [], []
+    for member, top, _ in tree:
         name = member.split("/")[-1]
         usage = name.split("_", 1)[0]
         if usage not in USAGES:
@@ -52,8 +52,8 @@ def _read_kaggle(source, tree, size, rgb):
                 "in train/ and PublicTest_/PrivateTest_ files in test/ (re-download the original archive)"
             )
         members.append(member)
-        labels.append(class_id(source.where(member.rsplit("/", 1)[0]), folder))
         split.append(USAGES[usage])
+    labels = class_ids(source, members)
     images, hashes = decode_images(source, members, size, rgb, required=("FER-2013", SIDE))
     return RawDataset(
         images, np.array(labels, np.int64), np.array(split, np.uint8), hashes,

@@ -12,7 +12,7 @@ import numpy as np
 
 from fer_tune.data.classes import canonical_class, extra_class
 from fer_tune.data.decode import (
-    IMAGE_SUFFIXES, RawDataset, Source, class_id, decode_images, find_tree, one_tree, open_source,
+    IMAGE_SUFFIXES, RawDataset, Source, class_ids, decode_images, find_tree, one_tree, open_source,
 )
 from fer_tune.data.splits import TEST, TRAIN, VAL
 from fer_tune.errors import UserError
@@ -94,7 +94,7 @@ def _read(source, images: list[tuple[str, str, str]], size: int, rgb: bool, layo
     left_out = Counter(e for e in extra if e)
     images = [image for image, e in zip(images, extra) if not e]
     members = [member for member, _, _ in images]
-    labels = [class_id(source.where(m.rsplit("/", 1)[0]), folder) for m, _, folder in images]
+    labels = class_ids(source, members)
     split = [SPLIT_FOLDERS[top.lower()] for _, top, _ in images]
     pixels, hashes = decode_images(source, members, size, rgb)
     return RawDataset(
