@@ -202,6 +202,9 @@ def test_resume_after_sigkill_keeps_finished_trials(ray_instance, toy_prepared, 
     wait_for_finished(tmp_path / "killed" / "trials.csv", 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    shown = cli(["trials", str(tmp_path / "killed")]).communicate(timeout=60)[0]  # search.yaml still says running
+    assert f"the search was killed (its driver, pid {proc.pid}, is gone)" in shown, shown
+    assert f"continue with `fer-tune search --resume --name killed --storage {tmp_path}`" in shown
     before = pd.read_csv(tmp_path / "killed" / "trials.csv")
     done = before[before.status.isin(["completed", "stopped early"])].set_index("trial_id")
     assert len(done) >= 3 and len(before) < 8

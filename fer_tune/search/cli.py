@@ -140,11 +140,23 @@ def cmd_trials(args) -> None:
         order = f"best {metric} first"
         if sort and sort != metric:
             order = f"by {sort}, {'lowest' if results.sort_ascending(sort) else 'highest'} first"
-        state = meta.get("status")
-        note = "" if state in (None, "finished") else \
-            f"; the search is {state}, or was killed: statuses as of the table's last refresh"
-        print(f"{exp}  ({len(df)} trials, {order}{note})")
+        print(f"{exp}  ({len(df)} trials, {order}{_state_note(meta, exp)})")
     print(text)
+
+
+def _state_note(meta: dict, exp: Path) -> str:
+    """What the table's statuses mean: nothing for a finished search; for one search.yaml calls running,
+    whether its driver is known to be gone (killed: the trials shown running were cut short)."""
+    from fer_tune.search import results
+
+    state = meta.get("status")
+    if state in (None, "finished"):
+        return ""
+    if state == "running" and results.driver_gone(meta.get("driver")):
+        command = results.resume_command(meta.get("name") or Path(exp).name, str(exp))
+        return (f"; the search was killed (its driver, pid {meta['driver']['pid']}, is gone): trials shown running "
+                f"were cut short; continue with `{command}`")
+    return f"; the search is {state}, or was killed: statuses as of the table's last refresh"
 
 
 FEW_FOR_IMPORTANCE = 10  # fANOVA's forest on fewer complete trials ranks little but noise
@@ -224,5 +236,5 @@ def _search_meta(exp: Path) -> dict:
     space = record.get("space", {})
     params = [k for k, v in (space.get("params") or {}).items() if _sampled(v)]
     return {"metric": space.get("metric", "val_acc"), "mode": space.get("mode", "max"), "params": params,
-            "name": record.get("name"), "status": record.get("status")}
+            "name": record.get("name"), "status": record.get("status"), "driver": record.get("driver")}
 

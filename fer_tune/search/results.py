@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,6 +27,49 @@ from fer_tune.train.report import METRIC_NAMES
 TABLE_METRICS = tuple(m for m in METRIC_NAMES if m != "epoch")
 FIRST_COLUMNS = ("trial_id", "status", "epochs")
 FORMATS = ("table", "csv", "json", "markdown")
+
+
+# -- the driver of a running search ------------------------------------------------------------
+
+def driver_record() -> dict:
+    """This process as the driver of a search, for search.yaml while it runs: host, pid and (on Linux)
+    the process's start tick, so that `fer-tune trials` can tell a running search from a killed one."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start_tick": _start_tick(os.getpid())}
+
+
+def driver_gone(driver: dict | None) -> bool:
+    """Whether a search.yaml driver is known to have ended: it ran on this host, and its pid is gone
+    or now another process (another start tick). Unknown (another host, no record): False."""
+    if not isinstance(driver, dict) or driver.get("host") != socket.gethostname() or not driver.get("pid"):
+        return False
+    pid = int(driver["pid"])
+    if driver.get("start_tick") is not None:
+        return _start_tick(pid) != driver["start_tick"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
+
+
+def _start_tick(pid: int) -> int | None:
+    """A process's start time in clock ticks after boot (/proc/PID/stat field 22), None where there is
+    no such process or no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def resume_command(name: str, path: str) -> str:
+    """The command that continues the experiment `name` at `path`: with ` --storage PARENT` where it
+    is not under the default ./results."""
+    parent = path.rsplit("/", 1)[0] if "/" in path else "."
+    default = "://" not in parent and Path(parent).resolve() == Path("results").resolve()
+    return f"fer-tune search --resume --name {name}" + ("" if default else f" --storage {parent}")
 
 
 # -- rows from Tune's trials --------------------------------------------------------------------

@@ -81,16 +81,8 @@ class SearchSummary:
             lines.append("best config: " + json.dumps(self.best_config or {}, default=str))
         lines.append(f"results: {self.path}  (fer-tune trials {self.path}; fer-tune board {self.path})")
         if self.interrupted:
-            lines.append(f"interrupted: continue with `{resume_command(self.name, self.path)}`")
+            lines.append(f"interrupted: continue with `{results.resume_command(self.name, self.path)}`")
         return "\n".join(lines)
-
-
-def resume_command(name: str, path: str) -> str:
-    """The command that continues the experiment `name` at `path`: with ` --storage PARENT` where it
-    is not under the default ./results."""
-    parent = path.rsplit("/", 1)[0] if "/" in path else "."
-    default = "://" not in parent and Path(parent).resolve() == Path("results").resolve()
-    return f"fer-tune search --resume --name {name}" + ("" if default else f" --storage {parent}")
 
 
 def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int | None = None,
@@ -207,7 +199,8 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
             trials=trials, executor=executor, workers_per_trial=workers_per_trial, cpus_per_trial=cpus_per_trial,
             gpus_per_trial=gpus_per_trial, concurrency=concurrency, seed=seed, subset=subset, address=address,
             max_failures=max_failures, sampler=sampler, early_stopping=early_stopping, **(flags or {})))
-        _write_yaml(work_dir / "search.yaml", {**record, "status": "running"}, keep_from=work_dir / "search.yaml")
+        _write_yaml(work_dir / "search.yaml", {**record, "status": "running", "driver": results.driver_record()},
+                    keep_from=work_dir / "search.yaml")
 
         data_ref = ray.put(train_data)
         trainable = _trainable(setup, data_ref)
@@ -680,10 +673,11 @@ def _lost_ray(tables: TablesCallback, work_dir: Path, name: str, exp_path: str) 
     # The hint first: Ray's client may end the process any moment now (the tables on disk are at most
     # one refresh old, and --resume works from Tune's own snapshot either way).
     print(f"fer-tune: interrupted: this search's Ray instance ended (its processes were stopped, e.g. by a signal "
-          f"to the whole process group); continue with `{resume_command(name, exp_path)}`", file=sys.stderr,
-          flush=True)
+          f"to the whole process group); continue with `{results.resume_command(name, exp_path)}`",
+          file=sys.stderr, flush=True)
     try:
         record = yaml.safe_load((work_dir / "search.yaml").read_text())
+        record.pop("driver", None)
         _write_yaml(work_dir / "search.yaml", {**record, "status": "interrupted"})
         tables.write(tables.trials)
     except Exception as exc:  # nothing more can be saved; say so and still leave
