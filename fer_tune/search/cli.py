@@ -153,7 +153,8 @@ def _state_note(meta: dict, exp: Path) -> str:
     if state in (None, "finished"):
         return ""
     if state == "running" and results.driver_gone(meta.get("driver")):
-        command = results.resume_command(meta.get("name") or Path(exp).name, str(exp))
+        name, storage = meta.get("name") or Path(exp).name, meta.get("storage") or ""
+        command = results.resume_command(name, f"{storage.rstrip('/')}/{name}" if "://" in storage else str(exp))
         return (f"; the search was killed (its driver, pid {meta['driver']['pid']}, is gone): trials shown running "
                 f"were cut short; continue with `{command}`")
     return f"; the search is {state}, or was killed: statuses as of the table's last refresh"
@@ -236,5 +237,6 @@ def _search_meta(exp: Path) -> dict:
     space = record.get("space", {})
     params = [k for k, v in (space.get("params") or {}).items() if _sampled(v)]
     return {"metric": space.get("metric", "val_acc"), "mode": space.get("mode", "max"), "params": params,
-            "name": record.get("name"), "status": record.get("status"), "driver": record.get("driver")}
+            "name": record.get("name"), "status": record.get("status"), "driver": record.get("driver"),
+            "storage": record.get("storage")}
 
