@@ -116,7 +116,9 @@ def test_two_node_search_with_s3_storage_then_trials_and_resume(two_nodes, s3, t
     assert {tid for tid in table["trial_id"] if any(k.startswith(f"trial_{tid}/") for k in stored)} == \
         set(table["trial_id"])
     record = yaml.safe_load(s3.get_object(Bucket=BUCKET, Key="experiments/twonode/search.yaml")["Body"].read())
-    assert record["status"] == "finished" and record["storage"] == storage
+    assert record["status"] == "finished" and record["storage"] == storage and "driver" not in record
+    # The driver kept its record and journal apart from the copy that `trials` mirrors (and prunes).
+    assert (tmp_path / "cache" / "searches" / "twonode" / "optuna.journal").is_file()
 
     # `fer-tune trials s3://...` reads the table back from the bucket (not from the driver's cache).
     shutil.rmtree(tmp_path / "cache")

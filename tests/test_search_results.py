@@ -1,6 +1,7 @@
 """The trial tables and `fer-tune trials` / `board` (no Ray run: rows from stand-in trials)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -176,18 +177,22 @@ def test_trials_command_sort_default_latest_and_errors(experiment, capsys, monke
     alive = results.driver_record()  # this process: a search still running
     record.write_text(yaml.safe_dump({**yaml.safe_load(record.read_text()), "driver": alive}))
     assert main(["trials"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].endswith("the search is running, or was killed: statuses as of "
-                                                            "the table's last refresh)")
+    assert capsys.readouterr().out.splitlines()[0].endswith(
+        f"the search is running (driver pid {os.getpid()}): statuses as of the table's last refresh)")
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = {**alive, "pid": int(ended.stdout), "start_tick": None if alive["start_tick"] is None else 1}
-    record.write_text(yaml.safe_dump({**yaml.safe_load(record.read_text()), "driver": dead}))
+    gone = {**alive, "pid": int(ended.stdout)}
+    record.write_text(yaml.safe_dump({**yaml.safe_load(record.read_text()), "driver": gone}))
     assert main(["trials"]) == 0  # its driver was killed: the rows shown running will not move again
     assert capsys.readouterr().out.splitlines()[0].endswith(
-        f"the search was killed (its driver, pid {dead['pid']}, is gone): trials shown running were cut short; "
-        f"continue with `fer-tune search --resume --name {experiment.name}`)")
-    record.write_text(yaml.safe_dump({**yaml.safe_load(record.read_text()), "driver": {**dead, "host": "elsewhere"}}))
+        f"its driver (pid {gone['pid']}) ended without finishing, killed or crashed: trials shown running were cut "
+        f"short; continue with `fer-tune search --resume --name {experiment.name}`)")
+    if alive["start_tick"] is not None:  # Linux: the pid is alive, but another process's than the driver's
+        reused = {**alive, "start_tick": alive["start_tick"] - 1}
+        assert results.driver_state(reused) == "gone"
+    assert results.driver_state({**alive, "pid_ns": "pid:[1]"}) is None  # another container's pids: unknown
+    record.write_text(yaml.safe_dump({**yaml.safe_load(record.read_text()), "driver": {**gone, "host": "elsewhere"}}))
     assert main(["trials"]) == 0  # another host's driver: unknown
-    assert "or was killed" in capsys.readouterr().out.splitlines()[0]
+    assert "the search is running, or was killed" in capsys.readouterr().out.splitlines()[0]
     assert main(["trials", f"file://{experiment}", "--format", "csv"]) == 0  # as --storage file://... is written
     assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 4
     assert main(["trials", "--top", "0"]) == 2

@@ -146,17 +146,20 @@ def cmd_trials(args) -> None:
 
 def _state_note(meta: dict, exp: Path) -> str:
     """What the table's statuses mean: nothing for a finished search; for one search.yaml calls running,
-    whether its driver is known to be gone (killed: the trials shown running were cut short)."""
+    whether its driver still runs (on this machine) or ended without finishing (killed or crashed)."""
     from fer_tune.search import results
 
     state = meta.get("status")
     if state in (None, "finished"):
         return ""
-    if state == "running" and results.driver_gone(meta.get("driver")):
+    driver = results.driver_state(meta.get("driver")) if state == "running" else None
+    if driver == "alive":
+        return f"; the search is running (driver pid {meta['driver']['pid']}): statuses as of the table's last refresh"
+    if driver == "gone":
         name, storage = meta.get("name") or Path(exp).name, meta.get("storage") or ""
         command = results.resume_command(name, f"{storage.rstrip('/')}/{name}" if "://" in storage else str(exp))
-        return (f"; the search was killed (its driver, pid {meta['driver']['pid']}, is gone): trials shown running "
-                f"were cut short; continue with `{command}`")
+        return (f"; its driver (pid {meta['driver']['pid']}) ended without finishing, killed or crashed: trials "
+                f"shown running were cut short; continue with `{command}`")
     return f"; the search is {state}, or was killed: statuses as of the table's last refresh"
 
 

@@ -3,7 +3,8 @@
 
 With a URI storage, Ray Tune syncs the trial folders and our tables (trials.csv/parquet,
 best.json) there itself; the driver keeps search.yaml and the Optuna journal in a local cache
-(`$FER_TUNE_CACHE`, default ~/.cache/fer-tune/experiments/<name>) and uploads them at the end.
+(`$FER_TUNE_CACHE`, default ~/.cache/fer-tune/searches/<name>) and uploads them at the start
+(search.yaml) and at the end.
 `fetch` brings an experiment's small files back from the URI, for `fer-tune trials`, retrain and
 `--resume` on any machine.
 """
@@ -70,8 +71,19 @@ def remote_experiment(target: str | None, storage: str | Path) -> str | None:
 
 
 def local_cache(name: str) -> Path:
-    """The driver's local copy of a URI experiment's record, journal and tables."""
-    return Path(os.environ.get("FER_TUNE_CACHE", Path.home() / ".cache" / "fer-tune")) / "experiments" / name
+    """The local copy of a URI experiment that `trials`, `retrain` and `transfer` read (`fetch` mirrors
+    the URI into it) and that `retrain` writes final/ into."""
+    return _cache_root() / "experiments" / name
+
+
+def driver_cache(name: str) -> Path:
+    """Where a search's driver keeps a URI experiment's record and Optuna journal while it runs: apart
+    from local_cache, so that a `fer-tune trials s3://...` on the same machine cannot prune them."""
+    return _cache_root() / "searches" / name
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("FER_TUNE_CACHE", Path.home() / ".cache" / "fer-tune"))
 
 
 def upload(local: Path, uri: str, items=("search.yaml", "optuna.journal")) -> None:

@@ -31,7 +31,7 @@ from fer_tune.errors import UserError
 from fer_tune.search import results, snapshot
 from fer_tune.search import storage as storage_mod
 from fer_tune.search.callbacks import CheckpointCleanup, TablesCallback, TensorBoardCallback
-from fer_tune.search.storage import experiment_folder, local_cache
+from fer_tune.search.storage import driver_cache, experiment_folder
 from fer_tune.search.space import SearchSpace, load_space, space_from_record
 from fer_tune.search.trainable import TrialSetup, direct_trial, train_trial
 from fer_tune.train.loop import TrainData
@@ -119,14 +119,15 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
         name = _experiment_name(name, None, storage, resume=True)
         local_dir = experiment_folder(storage, name)
         if local_dir is None:  # the record, journal and tables come back from the URI (any machine can resume)
-            storage_mod.fetch(f"{storage}/{name}", local_cache(name))
-        record = _read_record(local_dir or local_cache(name), storage, name)
+            storage_mod.fetch(f"{storage}/{name}", driver_cache(name))
+        record = _read_record(local_dir or driver_cache(name), storage, name)
         if local_dir is not None:  # Tune's own copy may be cut short or mixed (the driver was killed mid-copy)
             snapshot.restore(local_dir)
             broken = snapshot.cut_short(local_dir)
             if broken:
                 raise UserError(f"--resume: {local_dir / broken[0]} is cut short (the search was killed while Ray "
                                 "Tune saved it) and no complete copy exists; start it again under a new --name")
+        _check_restorable(f"{storage.rstrip('/')}/{name}")
         space, saved = _saved_search(record)
         ignored = resume_ignored(record, resume_flags or {})
         if ignored:
@@ -186,7 +187,7 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
         if concurrency > holds and not address and executor == "train":
             print(f"fer-tune: warning: --concurrency {concurrency} > the {holds} trials this machine holds; "
                   "the extra trials' worker groups wait for CPUs", file=sys.stderr)
-        work_dir = local_dir or local_cache(name)
+        work_dir = local_dir or driver_cache(name)
         storage_mod.make_folder(work_dir, storage)
         exp_path = str(local_dir) if local_dir else f"{storage}/{name}"
         setup = TrialSetup(space=space, epochs=space.max_epochs, seed=seed, subset=subset, executor=executor,
@@ -201,6 +202,8 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
             max_failures=max_failures, sampler=sampler, early_stopping=early_stopping, **(flags or {})))
         _write_yaml(work_dir / "search.yaml", {**record, "status": "running", "driver": results.driver_record()},
                     keep_from=work_dir / "search.yaml")
+        if local_dir is None:  # `fer-tune trials s3://...` shows it running (and whether its driver is)
+            storage_mod.upload(work_dir, f"{storage}/{name}", items=("search.yaml",))
 
         data_ref = ray.put(train_data)
         trainable = _trainable(setup, data_ref)
@@ -259,6 +262,15 @@ def _trainable(setup: TrialSetup, data_ref):
     return tune.with_resources(trainable, {"cpu": setup.cpus_per_worker, "gpu": setup.gpus_per_worker})
 
 
+def _check_restorable(path: str) -> None:
+    """--resume needs Ray Tune's experiment state; checked before search.yaml says running again."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(path):
+        raise UserError(f"--resume: {path} has no Ray Tune experiment state to resume (it was interrupted "
+                        "before the first snapshot); start it again without --resume under a new --name")
+
+
 def _tuner(trainable, space: SearchSpace, setup: TrialSetup, *, name, storage, trials, seed, concurrency,
            max_failures, journal: Path, tables, progress, resume, retry_failed, sampler="tpe",
            early_stopping=True, keep_checkpoints=False):
@@ -275,9 +287,6 @@ def _tuner(trainable, space: SearchSpace, setup: TrialSetup, *, name, storage, t
     failure_config = tune.FailureConfig(max_failures=max_failures)
     if resume:
         path = f"{storage.rstrip('/')}/{name}"
-        if not tune.Tuner.can_restore(path):
-            raise UserError(f"--resume: {path} has no Ray Tune experiment state to resume (it was interrupted "
-                            "before the first snapshot); start it again without --resume under a new --name")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=retry_failed)
         # The restored run config holds the first run's callback objects; use this run's (same
