@@ -115,7 +115,7 @@ def test_raw_folder_with_split_folders_and_errors(model_path, tmp_path):
                                                            "smirk"])
     (bad / "blah").mkdir()
     Image.fromarray(x[0, 0]).save(bad / "blah" / "a.png")
-    with pytest.raises(UserError, match=r"unknown class folder\(s\) blah, smirk; rename them to one of: angry/"):
+    with pytest.raises(UserError, match=r"unknown class folders 'blah', 'smirk'; rename them to one of: angry/"):
         evaluate_checkpoint(model_path, bad, log=lambda *a: None)
     (tmp_path / "flat").mkdir()
     Image.fromarray(x[0, 0]).save(tmp_path / "flat" / "a.png")

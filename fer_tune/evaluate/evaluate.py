@@ -263,7 +263,9 @@ def read_image_folder(path: Path, *, split: str = "test", img_size: int = 48, rg
         folders = sorted({m.split("/")[-2] for m in picked})
         unknown = [f for f in folders if canonical_class(f) is None and extra_class(f) is None]
         if unknown:
-            raise UserError(f"{path}: unknown class folder(s) {', '.join(unknown)}; rename them to one of: "
+            several = len(unknown) > 1
+            raise UserError(f"{path}: unknown class folder{'s' * several} {', '.join(repr(f) for f in unknown)}; "
+                            f"rename {'them' if several else 'it'} to one of: "
                             f"{accepted_names()} (or {', '.join(sorted(set(EXTRA_CLASSES.values())))}, "
                             "which are dropped)")
         extra = sorted({extra_class(f) for f in folders if canonical_class(f) is None})
