@@ -3,7 +3,11 @@ tests/test_search_ray.py resumes a real search from it after a SIGKILL)."""
 
 import os
 
+import pytest
+
+from fer_tune.errors import UserError
 from fer_tune.search import snapshot
+from fer_tune.search.tuner import run_search
 
 SESSION = "2026-12-05_16-00-00"
 NAMES = [f"experiment_state-{SESSION}.json", f"searcher-state-{SESSION}.pkl", f"search_gen_state-{SESSION}.json",
@@ -79,3 +83,15 @@ def test_cut_short_names_the_files_tune_could_not_read(tmp_path):
     searcher.write_bytes(searcher.read_bytes()[:-5])
     state.write_text(state.read_text()[:-3])
     assert snapshot.cut_short(tmp_path) == sorted([state.name, searcher.name])
+
+
+def test_resume_without_tunes_state_is_refused_before_the_record_says_running(tmp_path):
+    """Killed before Tune's first snapshot: --resume says so and leaves search.yaml as it was (it does
+    not claim a running driver that then ended)."""
+    exp = tmp_path / "results" / "early"
+    exp.mkdir(parents=True)
+    record = "name: early\nstatus: interrupted\n"
+    (exp / "search.yaml").write_text(record)
+    with pytest.raises(UserError, match=r"^--resume: .*early has no Ray Tune experiment state to resume"):
+        run_search(None, "fer2013", storage=tmp_path / "results", name="early", resume=True, progress=False)
+    assert (exp / "search.yaml").read_text() == record
