@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from fer_tune.cli import main
-from fer_tune.search import results
+from fer_tune.search import cluster, results
 from fer_tune.search.space import load_space
 
 
@@ -174,7 +174,7 @@ def test_trials_command_sort_default_latest_and_errors(experiment, capsys, monke
     assert main(["trials"]) == 0  # a search that did not finish (or is running): its table may be stale
     assert capsys.readouterr().out.splitlines()[0].endswith(
         "(4 trials, best val_acc first; the search is running, or was killed: statuses as of the table's last refresh)")
-    alive = results.driver_record()  # this process: a search still running
+    alive = cluster.driver_record()  # this process: a search still running
     record.write_text(yaml.safe_dump({**yaml.safe_load(record.read_text()), "driver": alive}))
     assert main(["trials"]) == 0
     assert capsys.readouterr().out.splitlines()[0].endswith(
@@ -188,8 +188,8 @@ def test_trials_command_sort_default_latest_and_errors(experiment, capsys, monke
         f"short; continue with `fer-tune search --resume --name {experiment.name}`)")
     if alive["start_tick"] is not None:  # Linux: the pid is alive, but another process's than the driver's
         reused = {**alive, "start_tick": alive["start_tick"] - 1}
-        assert results.driver_state(reused) == "gone"
-    assert results.driver_state({**alive, "pid_ns": "pid:[1]"}) is None  # another container's pids: unknown
+        assert cluster.driver_state(reused) == "gone"
+    assert cluster.driver_state({**alive, "pid_ns": "pid:[1]"}) is None  # another container's pids: unknown
     record.write_text(yaml.safe_dump({**yaml.safe_load(record.read_text()), "driver": {**gone, "host": "elsewhere"}}))
     assert main(["trials"]) == 0  # another host's driver: unknown
     assert "the search is running, or was killed" in capsys.readouterr().out.splitlines()[0]

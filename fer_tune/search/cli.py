@@ -147,17 +147,17 @@ def cmd_trials(args) -> None:
 def _state_note(meta: dict, exp: Path) -> str:
     """What the table's statuses mean: nothing for a finished search; for one search.yaml calls running,
     whether its driver still runs (on this machine) or ended without finishing (killed or crashed)."""
-    from fer_tune.search import results
+    from fer_tune.search import cluster, results, storage
 
     state = meta.get("status")
     if state in (None, "finished"):
         return ""
-    driver = results.driver_state(meta.get("driver")) if state == "running" else None
+    driver = cluster.driver_state(meta.get("driver")) if state == "running" else None
     if driver == "alive":
         return f"; the search is running (driver pid {meta['driver']['pid']}): statuses as of the table's last refresh"
     if driver == "gone":
-        name, storage = meta.get("name") or Path(exp).name, meta.get("storage") or ""
-        command = results.resume_command(name, f"{storage.rstrip('/')}/{name}" if "://" in storage else str(exp))
+        name, where = meta.get("name") or Path(exp).name, meta.get("storage") or ""
+        command = results.resume_command(name, f"{where.rstrip('/')}/{name}" if storage.is_uri(where) else str(exp))
         return (f"; its driver (pid {meta['driver']['pid']}) ended without finishing, killed or crashed: trials "
                 f"shown running were cut short; continue with `{command}`")
     return f"; the search is {state}, or was killed: statuses as of the table's last refresh"

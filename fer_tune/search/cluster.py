@@ -127,15 +127,63 @@ def ray_processes(proc: Path = Path("/proc")) -> list[tuple[str, int]]:
     return sorted(found, key=lambda item: (RAY_DAEMONS.index(item[0]), item[1]))
 
 
+ENDED = ("Z", "X")  # /proc states of an exited process (unreaped, or being reaped)
+
+
 def _running(stat: Path) -> str | None:
     """The name of the process of a /proc/PID/stat file, None when it has ended (an exited,
     unreaped process, state Z or X, counts as ended)."""
+    info = _stat(stat)
+    return None if info is None or info[1] in ENDED else info[0]
+
+
+def _stat(stat: Path) -> tuple[str, str, int] | None:
+    """(name, state letter, start time in clock ticks after boot) of a /proc/PID/stat file (fields 2,
+    3 and 22), None when there is no such process."""
     try:
         text = stat.read_text()  # "pid (name) state ..."
     except OSError:  # the process ended while we looked
         return None
     name, _, rest = text[text.find("(") + 1:].rpartition(")")
-    return None if rest.split()[:1] in (["Z"], ["X"]) else name
+    fields = rest.split()
+    return name, fields[0], int(fields[19])
+
+
+def driver_record() -> dict:
+    """This process as the driver of a search, for search.yaml while it runs: host, pid, and on Linux
+    its start tick and pid namespace, so that `fer-tune trials` can tell a running search from one
+    whose driver ended without finishing."""
+    info = _stat(Path(f"/proc/{os.getpid()}/stat"))
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start_tick": info[2] if info else None,
+            "pid_ns": _pid_namespace()}
+
+
+def driver_state(driver: dict | None) -> str | None:
+    """"alive" or "gone" for a search.yaml driver on this host (gone: no such process, an unreaped one,
+    or the pid now another process's); None when it cannot be told (another host or container, no record,
+    a process /proc does not show)."""
+    if not isinstance(driver, dict) or driver.get("host") != socket.gethostname() or not driver.get("pid") \
+            or driver.get("pid_ns") != _pid_namespace():
+        return None
+    pid = int(driver["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone"
+    except OSError:  # EPERM: some process of another user has that pid
+        pass
+    info = _stat(Path(f"/proc/{pid}/stat"))
+    if info is None:
+        return None if os.path.isdir("/proc/self") else "alive"
+    reused = driver.get("start_tick") is not None and info[2] != driver["start_tick"]
+    return "gone" if info[1] in ENDED or reused else "alive"
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def shutdown(started: bool) -> None:

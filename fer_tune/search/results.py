@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,57 +26,6 @@ from fer_tune.train.report import METRIC_NAMES
 TABLE_METRICS = tuple(m for m in METRIC_NAMES if m != "epoch")
 FIRST_COLUMNS = ("trial_id", "status", "epochs")
 FORMATS = ("table", "csv", "json", "markdown")
-
-
-# -- the driver of a running search ------------------------------------------------------------
-
-def driver_record() -> dict:
-    """This process as the driver of a search, for search.yaml while it runs: host, pid, and on Linux
-    its start tick and pid namespace, so that `fer-tune trials` can tell a running search from one
-    whose driver ended without finishing."""
-    stat = _proc_stat(os.getpid())
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start_tick": stat[1] if stat else None,
-            "pid_ns": _pid_namespace()}
-
-
-def driver_state(driver: dict | None) -> str | None:
-    """"alive" or "gone" for a search.yaml driver on this host (gone: no such process, an unreaped one,
-    or the pid now another process's); None when it cannot be told (another host or container, no record,
-    a process /proc does not show)."""
-    if not isinstance(driver, dict) or driver.get("host") != socket.gethostname() or not driver.get("pid") \
-            or driver.get("pid_ns") != _pid_namespace():
-        return None
-    pid = int(driver["pid"])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "gone"
-    except OSError:  # EPERM: some process of another user has that pid
-        pass
-    stat = _proc_stat(pid)
-    if stat is None:
-        return None if os.path.isdir("/proc/self") else "alive"
-    state, tick = stat
-    if state in ("Z", "X") or (driver.get("start_tick") is not None and tick != driver["start_tick"]):
-        return "gone"
-    return "alive"
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """A process's state letter and start time in clock ticks after boot (/proc/PID/stat fields 3 and
-    22); None where /proc does not show it."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0], int(fields[19])
-
-
-def _pid_namespace() -> str | None:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
 
 
 def resume_command(name: str, path: str) -> str:

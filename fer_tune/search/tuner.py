@@ -200,7 +200,7 @@ def run_search(space: SearchSpace | str, data: TrainData | str, *, trials: int |
             trials=trials, executor=executor, workers_per_trial=workers_per_trial, cpus_per_trial=cpus_per_trial,
             gpus_per_trial=gpus_per_trial, concurrency=concurrency, seed=seed, subset=subset, address=address,
             max_failures=max_failures, sampler=sampler, early_stopping=early_stopping, **(flags or {})))
-        _write_yaml(work_dir / "search.yaml", {**record, "status": "running", "driver": results.driver_record()},
+        _write_yaml(work_dir / "search.yaml", {**record, "status": "running", "driver": cluster.driver_record()},
                     keep_from=work_dir / "search.yaml")
         if local_dir is None:  # `fer-tune trials s3://...` shows it running (and whether its driver is)
             storage_mod.upload(work_dir, f"{storage}/{name}", items=("search.yaml",))
