@@ -172,15 +172,16 @@ def class_ids(source: Source, members: list[str]) -> list[int]:
     """Canonical class ids of images by their class folder (`.../<class>/<file>`); unknown folder names
     are one UserError naming each (at the first one's path) and listing the accepted names."""
     folders = [member.rsplit("/", 2)[-2] for member in members]
+    classes = [canonical_class(folder) for folder in folders]
     unknown = {}
-    for member, folder in zip(members, folders):
-        if canonical_class(folder) is None:
+    for member, folder, cls in zip(members, folders, classes):
+        if cls is None:
             unknown.setdefault(folder, member.rsplit("/", 1)[0])
     if unknown:
         names, several = ", ".join(f"'{f}'" for f in unknown), len(unknown) > 1
         raise UserError(f"{source.where(next(iter(unknown.values())))}: unknown class folder{'s' * several} {names}; "
                         f"rename {'them' if several else 'it'} to one of: {accepted_names()}")
-    return [CLASSES.index(canonical_class(folder)) for folder in folders]
+    return [CLASSES.index(cls) for cls in classes]
 
 
 def to_stored(im: Image.Image, size: int, rgb: bool) -> np.ndarray:
