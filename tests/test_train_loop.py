@@ -180,6 +180,34 @@ def test_fine_tuning_from_weights_with_frozen_layers(toy_data, how):
     assert torch.equal(before[last_conv], after[last_conv]) == (how == "backbone")
 
 
+def test_extra_val_sets_are_scored_every_epoch_and_can_select(toy_data, tmp_path):
+    """Fine-tuning's source val: scored per epoch as val_<name>_*, in metrics.csv, and val_mean_acc
+    (the mean of the val accuracies) selects the epoch when asked to."""
+    import dataclasses
+
+    import numpy as np
+    from conftest import toy_arrays
+
+    from fer_tune.errors import UserError
+
+    flipped = toy_arrays(200, seed=5)
+    flipped = (np.ascontiguousarray(flipped[0][..., ::-1]), flipped[1])  # another set the model has not seen
+    data = dataclasses.replace(toy_data, extra_val={"same": (toy_data.val_x, toy_data.val_y), "other": flipped})
+    cfg = TrainConfig(**{**FAST, "epochs": 4, "select_metric": "val_mean_acc"})
+    result = fit(cfg, data, RunFolderReporter(tmp_path, progress=False, tensorboard=False))
+    for h in result.history:
+        assert h["val_same_acc"] == h["val_acc"] and h["val_same_loss"] == h["val_loss"]  # the same images
+        assert h["val_mean_acc"] == pytest.approx((2 * h["val_acc"] + h["val_other_acc"]) / 3)
+    assert len({h["val_other_acc"] for h in result.history} | {h["val_acc"] for h in result.history}) > 1
+    assert result.best == max(result.history, key=lambda h: h["val_mean_acc"])
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[-7:] == ["val_same_loss", "val_same_acc", "val_same_macro_f1", "val_other_loss", "val_other_acc",
+                           "val_other_macro_f1", "val_mean_acc"]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == result.best["epoch"]
+    with pytest.raises(UserError, match="select_metric val_mean_acc averages val_acc with other val sets"):
+        fit(cfg, toy_data)
+
+
 def test_time_budget_replans_when_the_machine_slows_down(toy_data):
     """Load that arrives after the first estimate must not make the run overshoot its budget."""
     import time

@@ -169,3 +169,38 @@ def test_an_ensembles_best_network_by_val_is_transferred_and_named(world, tmp_pa
     assert Path(m["source_model"]).parent.name == "rank2-seed0"
     assert any(line.startswith("note: final/ scores an ensemble of 2 configs") and line.endswith("rank2-seed0")
                for line in lines), lines
+
+
+def test_select_mean_keeps_the_epoch_best_on_both_val_splits(world, tmp_path):
+    """--select mean: each strategy keeps the epoch with the best mean of target and source val accuracy;
+    the source val curve (the forgetting as it happens) is in every run's metrics.csv."""
+    import csv
+    import shutil
+
+    from fer_tune.evaluate.evaluate import probs_of_checkpoint
+
+    data_root, exp = world
+    copy = tmp_path / exp.name
+    shutil.copytree(exp, copy, ignore=shutil.ignore_patterns("transfer"))
+    with pytest.raises(UserError, match="--select both: choose one of target, mean"):
+        transfer(copy, to="rafdb", select="both", data_root=data_root, **QUIET)
+    lines = []
+    m = transfer(copy, to="rafdb", strategy="joint", select="mean", epochs=4, lr_factor=1.0, data_root=data_root,
+                 progress=False, log=lines.append)
+    rows = {r["strategy"]: r for r in m["comparison"]}
+    history = list(csv.DictReader(open(copy / "transfer" / "joint" / "metrics.csv")))
+    means = [float(h["val_mean_acc"]) for h in history]
+    for h in history:
+        assert float(h["val_mean_acc"]) == pytest.approx((float(h["val_acc"]) + float(h["val_source_acc"])) / 2)
+    best = history[int(np.argmax(means))]
+    assert rows["joint"]["best_epoch"] == int(best["epoch"])
+    assert rows["joint"]["target_val_acc"] == pytest.approx(float(best["val_acc"]))
+    assert rows["joint"]["source_val_acc"] == pytest.approx(float(best["val_source_acc"]))
+    assert m["selection"] == {"select": "mean", "metric": "val_mean_acc"}
+    # Zero-shot's source val accuracy: the source model on fer2013 val, the line the curves start from.
+    source = load_checkpoint(Path(m["source_model"]))
+    vx, vy = PreparedDataset(data_root / "fer2013").arrays("val")
+    assert rows["zero-shot"]["source_val_acc"] == pytest.approx(float((probs_of_checkpoint(source, vx).argmax(1) == vy).mean()))
+    table = next(text for text in lines if text.startswith("strategy")).splitlines()
+    assert "fer2013 val" in table[0] and f"{rows['joint']['source_val_acc']:.4f}" in table[2]
+    assert "best epoch by the mean of rafdb val and fer2013 val accuracy" in (copy / "transfer" / "report.md").read_text()

@@ -81,6 +81,9 @@ def add_commands(sub, data_root_flag) -> None:
     p.add_argument("--joint-fraction", type=float,
                    help=f"joint (and all): share of source images in the training mixture (default "
                         f"{DEFAULT_JOINT_FRACTION})")
+    p.add_argument("--select", choices=("target", "mean"), default="target",
+                   help="the epoch each strategy keeps: target = best target val accuracy; mean = best mean of "
+                        "target and source val accuracy, which weighs what is forgotten (default target)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: half of the source model's)")
     p.add_argument("--lr-factor", type=float,
                    help="fine-tuning lr = this x the model's lr (default 0.1; 1 for linear-probe)")
@@ -157,7 +160,7 @@ def cmd_transfer(args) -> None:
 
     transfer(args.experiment, to=args.to, strategy=args.strategy, storage=args.storage, checkpoint=args.checkpoint,
              source_dataset=args.source_dataset, epochs=args.epochs, lr_factor=args.lr_factor,
-             joint_fraction=args.joint_fraction, seed=args.seed, time_budget=args.time_budget, tta=tta_of(args),
+             joint_fraction=args.joint_fraction, select=args.select, seed=args.seed, time_budget=args.time_budget, tta=tta_of(args),
              data_root=args.data_root, device=args.device, force=args.force, progress=not args.quiet)
 
 

@@ -33,9 +33,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_learning_curves(histories: dict[str, list[dict]], path: Path, title: str = "Learning curves") -> Path:
-    """Loss and accuracy per epoch (train dashed, val solid), one colour per run; the selected
-    (best val) epoch of each run is marked."""
+def plot_learning_curves(histories: dict[str, list[dict]], path: Path, title: str = "Learning curves",
+                         selected: dict[str, int] | None = None) -> Path:
+    """Loss and accuracy per epoch (train dashed, val solid, fine-tuning's source val dotted), one
+    colour per run; the selected epoch of each run (`selected`, else its best val_acc) is marked."""
     plt = _plt()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (name, history) in enumerate(histories.items()):
@@ -47,10 +48,16 @@ def plot_learning_curves(histories: dict[str, list[dict]], path: Path, title: st
         ax_loss.plot(epochs, [h["val_loss"] for h in history], "-", color=color, label=name)
         ax_acc.plot(epochs, [h["train_acc"] for h in history], "--", color=color, alpha=0.8)
         ax_acc.plot(epochs, [h["val_acc"] for h in history], "-", color=color, label=name)
-        best = max(history, key=lambda h: h["val_acc"])
+        if "val_source_acc" in history[0]:
+            ax_acc.plot(epochs, [h["val_source_acc"] for h in history], ":", color=color, linewidth=2)
+        chosen = (selected or {}).get(name)
+        best = next((h for h in history if h["epoch"] == chosen), None) or max(history, key=lambda h: h["val_acc"])
         ax_acc.plot([best["epoch"]], [best["val_acc"]], "o", color=color, markersize=6)
+    source = any(h and "val_source_acc" in h[0] for h in histories.values())
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (train dashed, val solid)")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy (train dashed, val solid; o = best val)")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy",
+               title="accuracy (train dashed, val solid" + ("; source val dotted" if source else "")
+               + "; o = selected epoch)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -527,7 +527,8 @@ def write_final_report(out: Path, metrics: dict, runs: list[RunResult], ds) -> N
     n_final = len(metrics["final"]["models"])
     plots = {}
     plots["curves"] = rep.plot_learning_curves({r.spec.name: r.history for r in runs}, out / "learning_curves.png",
-                                               f"Learning curves ({metrics['experiment']})").name
+                                               f"Learning curves ({metrics['experiment']})",
+                                               {r.spec.name: r.best.get("epoch") for r in runs}).name
     pooled = f", summed over {n_final} models" if n_final > 1 else ""
     panels = {"full test split": final["all"]["pooled_confusion_matrix"]}
     if "no_train_copy" in final:

@@ -5,14 +5,17 @@ dataset, and what fine-tuning on it costs on the original one.
     metrics = transfer("cnn-20250101-120000", to="rafdb", strategy="all")
 
 1. zero-shot: the final model of `<experiment>/final/` on the target's test split;
-2. fine-tuning on the target's train split (its val split selects the epoch), from the final
-   model's weights (`fit(init=...)`, which keeps its input normalisation), with a strategy:
+2. fine-tuning on the target's train split, from the final model's weights (`fit(init=...)`, which
+   keeps its input normalisation), with a strategy:
    - `full`: every layer trains (lr x 0.1 of the searched lr);
    - `freeze-lower`: the lower half of the feature extractor is frozen (`TrainConfig.freeze="lower"`);
    - `linear-probe`: only the classifier trains (`freeze="backbone"`, lr x 1);
    - `joint`: every layer trains on a mixture of target and source training images, a
      `joint_fraction` of them from the source (default 0.5: equal parts), the usual remedy for
      forgetting; the source images are a stratified sample of its train split;
+   every epoch is scored on the target's val split and on the source's (`val_source_acc`: the
+   forgetting as it happens); `select` chooses the epoch kept: "target" the best target val
+   accuracy, "mean" the best mean of the two (`val_mean_acc`: a point of either counts the same);
 3. the target's test split after fine-tuning;
 4. the source's test split after fine-tuning: the drop from before is what was forgotten.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +36,10 @@ import numpy as np
 from fer_tune.data.decode import file_sha256
 from fer_tune.errors import UserError
 from fer_tune.evaluate import report as rep
-from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, split_scores
+from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, scores, split_scores
 from fer_tune.evaluate.experiment import read_experiment
 from fer_tune.train.checkpoint import load_checkpoint
-from fer_tune.train.config import TrainConfig, selection_sign
+from fer_tune.train.config import MEAN_ACC, TrainConfig, selection_sign
 from fer_tune.train.loop import TrainData, fit
 from fer_tune.train.report import RunFolderReporter
 from fer_tune.train.runtime import applied_tta, tta_description
@@ -46,12 +50,13 @@ FREEZE = {"full": "none", "freeze-lower": "lower", "linear-probe": "backbone", "
 # single layer, which the searched lr suits.
 LR_FACTOR = {"full": 0.1, "freeze-lower": 0.1, "linear-probe": 1.0, "joint": 0.1}
 DEFAULT_JOINT_FRACTION = 0.5
+SELECT = {"target": None, "mean": MEAN_ACC}  # None: the source model's own select_metric (val_acc unless searched otherwise)
 
 
 def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "full",
              storage: str | Path = "results", checkpoint: str | Path | None = None,
              source_dataset: str | None = None, epochs: int | None = None, lr_factor: float | None = None,
-             joint_fraction: float | None = None, seed: int | None = None,
+             joint_fraction: float | None = None, select: str = "target", seed: int | None = None,
              time_budget: float | None = None, tta: bool | str | None = None, data_root: str | Path | None = None,
              device: str | None = None, force: bool = False, progress: bool = True, log=print) -> dict:
     """Zero-shot, fine-tune (one strategy or "all"), forgetting check; writes `<experiment>/transfer/`."""
@@ -63,6 +68,8 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
     strategies = list(STRATEGIES) if strategy == "all" else [strategy]
     if strategy != "all" and strategy not in STRATEGIES:
         raise UserError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)} or all")
+    if select not in SELECT:
+        raise UserError(f"--select {select}: choose one of {', '.join(SELECT)}")
     if joint_fraction is not None and "joint" not in strategies:
         raise UserError(f"--joint-fraction applies to --strategy joint (or all), not {strategy}")
     joint_fraction = DEFAULT_JOINT_FRACTION if joint_fraction is None else joint_fraction
@@ -100,11 +107,13 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
         + (f"as many epochs as fit in {time_budget:.0f} s each" if time_budget else f"{n_epochs} epochs each"))
 
     with atomic_dir(exp.path, "transfer") as out:
-        tgt_data = TrainData.from_prepared(tgt)
+        src_val = src.arrays("val")
+        tgt_data = replace(TrainData.from_prepared(tgt), extra_val={"source": src_val})
         runs = {}
         for name in strategies:
             cfg = base.replace(freeze=FREEZE[name], lr=base.lr * (lr_factor or LR_FACTOR[name]), epochs=n_epochs,
-                               seed=seed, subset=1.0, time_budget=time_budget or 0.0)
+                               seed=seed, subset=1.0, time_budget=time_budget or 0.0,
+                               select_metric=SELECT[select] or base.select_metric)
             data, mix = (joint_data(tgt_data, src, joint_fraction, seed) if name == "joint" else (tgt_data, None))
             log(f"fine-tuning: {name} (freeze {cfg.freeze}, lr {cfg.lr:.3g}, {len(data.train_y)} train images"
                 + (f", {mix['source_images']} of them from {src.name}" if mix else "") + ")")
@@ -118,6 +127,8 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
         # Test splits: read once each, after all fine-tuning; each model scores each once.
         src_test, tgt_test = EvalData.from_prepared(src, "test"), EvalData.from_prepared(tgt, "test")
         models = {"zero-shot": state, **{n: load_checkpoint(out / n / "best.pt") for n in runs}}
+        zero_shot_val = scores(src_val[1], probs_of_checkpoint(state, src_val[0], device=device).argmax(1),
+                               src.classes)["accuracy"]
         tests = {}
         for name, st in models.items():
             tests[name] = {
@@ -126,7 +137,7 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
                 "source": split_scores(score_on_test(st, src_test.images, tta=tta, device=device), src_test.labels,
                                        src_test.classes, src_test.train_copy)}
         metrics = _metrics(exp, ckpt_path, src, tgt, runs, tests, tta=tta, joint_fraction=joint_fraction,
-                           seconds=time.time() - t0)
+                           select=select, source_val_before=zero_shot_val, seconds=time.time() - t0)
         write_transfer_report(out, metrics, runs)
     log(comparison_table(metrics))
     log(f"written: {exp.transfer_dir}/ (report.md, metrics.json)")
@@ -154,7 +165,7 @@ def joint_data(target: TrainData, source, fraction: float, seed: int) -> tuple[T
     y = np.concatenate([np.asarray(target.train_y, np.int64), np.asarray(sy[keep], np.int64)])
     mix = {"target_images": n_tgt, "source_images": int(len(keep)),
            "source_fraction": float(len(keep) / (len(keep) + n_tgt)), "requested_fraction": fraction}
-    return TrainData(x, y, target.val_x, target.val_y, target.classes), mix
+    return replace(target, train_x=x, train_y=y), mix
 
 
 def _source_checkpoint(exp, checkpoint) -> tuple[Path, dict]:
@@ -194,7 +205,7 @@ def _check_compatible(src, tgt, state: dict, ckpt: Path) -> None:
 
 # -- metrics and report ---------------------------------------------------------------------------
 
-def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, seconds) -> dict:
+def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, select, source_val_before, seconds) -> dict:
     before = tests["zero-shot"]["source"]["all"]["accuracy"]
     rows = []
     for name, t in tests.items():
@@ -205,6 +216,7 @@ def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, seconds) 
             "source_acc": t["source"]["all"]["accuracy"], "source_macro_f1": t["source"]["all"]["macro_f1"],
             "forgetting": before - t["source"]["all"]["accuracy"],
             "target_val_acc": run["result"].best.get("val_acc") if run else None,
+            "source_val_acc": run["result"].best.get("val_source_acc") if run else source_val_before,
             "epochs_run": run["result"].epochs_run if run else 0,
             "best_epoch": run["result"].best.get("epoch") if run else None,
             "seconds": round(run["seconds"], 1) if run else 0.0})
@@ -224,6 +236,8 @@ def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, seconds) 
             "mixture": run["mix"], "checkpoint": f"{name}/best.pt", "config": run["result"].config.to_dict(),
         } for name, run in runs.items()},
         "joint_fraction": joint_fraction if "joint" in runs else None,
+        "selection": {"select": select, "metric": next(iter(runs.values()))["result"].config.select_metric
+                      if runs else None},
         "test": tests,
         "seconds": round(seconds, 1),
     }
@@ -231,13 +245,19 @@ def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, seconds) 
 
 def comparison_table(metrics: dict) -> str:
     src, tgt = metrics["source"]["name"], metrics["target"]["name"]
-    headers = ["strategy", f"{tgt} acc", f"{tgt} F1", f"{src} acc", "forgot", "epochs", "seconds"]
+    headers = ["strategy", f"{tgt} acc", f"{tgt} F1", f"{src} acc", "forgot", f"{tgt} val", f"{src} val", "epochs",
+               "seconds"]
     rows = [[r["strategy"], f"{r['target_acc']:.4f}", f"{r['target_macro_f1']:.4f}", f"{r['source_acc']:.4f}",
-             f"{r['forgetting']:+.4f}", str(r["epochs_run"]), f"{r['seconds']:.0f}"] for r in metrics["comparison"]]
+             f"{r['forgetting']:+.4f}", _fraction(r["target_val_acc"]), _fraction(r.get("source_val_acc")),
+             str(r["epochs_run"]), f"{r['seconds']:.0f}"] for r in metrics["comparison"]]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
     lines += ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
     return "\n".join(lines)
+
+
+def _fraction(value) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def write_transfer_report(out: Path, metrics: dict, runs: dict) -> None:
@@ -247,7 +267,8 @@ def write_transfer_report(out: Path, metrics: dict, runs: dict) -> None:
     if runs:
         plots["curves"] = rep.plot_learning_curves({n: r["result"].history for n, r in runs.items()},
                                                    out / "learning_curves.png",
-                                                   f"Fine-tuning on {tgt} (val = {tgt} val)").name
+                                                   f"Fine-tuning on {tgt} (val = {tgt} val; source val = {src} val)",
+                                                   {n: r["result"].best.get("epoch") for n, r in runs.items()}).name
     panels = {name: t["target"]["all"]["confusion_matrix"] for name, t in metrics["test"].items()}
     plots["cm"] = rep.plot_confusions(panels, classes, out / "confusion_matrices.png", f"{tgt} test").name
     series = {name: {c: (t["target"]["all"]["per_class"][c]["f1"], 0.0) for c in classes}
@@ -262,18 +283,28 @@ def write_transfer_report(out: Path, metrics: dict, runs: dict) -> None:
     (out / "report.md").write_text(transfer_markdown(metrics, plots))
 
 
+def _selection_words(m: dict, tgt: str, src: str) -> str:
+    metric = (m.get("selection") or {}).get("metric") or "val_acc"
+    if metric == MEAN_ACC:
+        return f"the mean of {tgt} val and {src} val accuracy"
+    return f"{tgt} val ({metric})"
+
+
 def transfer_markdown(m: dict, plots: dict) -> str:
     src, tgt = m["source"]["name"], m["target"]["name"]
     lines = [f"# Transfer {src} -> {tgt} (`{m['experiment']}`)", "",
              f"Source model: `{m['source_model']}`. Zero-shot is that model as it is; each strategy fine-tunes it "
-             f"on {tgt} train and keeps its best epoch on {tgt} val. Every model is scored once on the {tgt} test "
+             f"on {tgt} train and keeps its best epoch by {_selection_words(m, tgt, src)}. Every model is scored "
+             f"once on the {tgt} test "
              f"split and once on the {src} test split; **forgot** is the drop in {src} test accuracy from the "
              f"model before fine-tuning. Test-time augmentation: {m['tta']}.", "",
              "## Comparison", "", f"![comparison]({plots['comparison']})", ""]
     rows = [[r["strategy"], r["target_acc"], r["target_macro_f1"], r["source_acc"], f"{r['forgetting']:+.4f}",
-             r["target_val_acc"], r["epochs_run"] or "", f"{r['seconds']:.0f}"] for r in m["comparison"]]
+             r["target_val_acc"], r.get("source_val_acc"), r["epochs_run"] or "", f"{r['seconds']:.0f}"]
+            for r in m["comparison"]]
     lines += [rep.md_table(["strategy", f"{tgt} test acc", f"{tgt} test macro-F1", f"{src} test acc", "forgot",
-                            f"{tgt} val acc (selected epoch)", "epochs", "seconds"], rows), ""]
+                            f"{tgt} val acc (selected epoch)", f"{src} val acc (selected epoch)", "epochs", "seconds"],
+                           rows), ""]
     if m["strategies"]:
         lines += ["## Strategies", ""]
         rows = []

@@ -22,6 +22,9 @@ CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "effective")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 FREEZE = ("none", "lower", "backbone")
 METRICS = ("val_acc", "val_macro_f1", "val_loss")
+# Selectable only when a run scores extra val sets (`TrainData.extra_val`, e.g. fine-tuning's source
+# val): the mean of val_acc and their accuracies.
+MEAN_ACC = "val_mean_acc"
 
 
 class _UniqueKeys(yaml.SafeLoader):
@@ -123,7 +126,7 @@ class TrainConfig:
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("class_weights", self.class_weights, CLASS_WEIGHTS)
         _one_of("precision", self.precision, PRECISIONS)
-        _one_of("select_metric", self.select_metric, METRICS)
+        _one_of("select_metric", self.select_metric, METRICS + (MEAN_ACC,))
         _one_of("freeze", self.freeze, FREEZE)
         _in_range("aug_strength", self.aug_strength, 0.0, 1.0)
         _in_range("dropout", self.dropout, 0.0, 0.95)

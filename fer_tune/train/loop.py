@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fer_tune.errors import RunFailed
+from fer_tune.errors import RunFailed, UserError
 from fer_tune.models import create_model
 from fer_tune.train.augment import augment, mix_batch
-from fer_tune.train.config import TrainConfig, selection_sign
+from fer_tune.train.config import MEAN_ACC, TrainConfig, selection_sign
 from fer_tune.train.losses import class_weights
 from fer_tune.train.metrics import scores_from_confusion, confusion_matrix
 from fer_tune.train.optim import Schedule, make_optimizer
@@ -49,6 +49,10 @@ class TrainData:
     val_x: np.ndarray
     val_y: np.ndarray
     classes: tuple[str, ...]
+    # Other labelled sets scored after every epoch as val_<name>_loss/_acc/_macro_f1, never trained
+    # on; e.g. the source dataset's val split while fine-tuning (what is being forgotten). With any,
+    # val_mean_acc (the mean of val_acc and every val_<name>_acc) is reported and may select the epoch.
+    extra_val: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def from_prepared(cls, dataset, subset: float = 1.0, seed: int = 0) -> "TrainData":
@@ -116,6 +120,12 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
     train_y = torch.as_tensor(np.asarray(data.train_y, dtype=np.int64)).to(device)
     val_x = torch.as_tensor(np.ascontiguousarray(data.val_x)).to(device)
     val_y = torch.as_tensor(np.asarray(data.val_y, dtype=np.int64)).to(device)
+    extra_val = {name: (torch.as_tensor(np.ascontiguousarray(x)).to(device),
+                        torch.as_tensor(np.asarray(y, dtype=np.int64)).to(device))
+                 for name, (x, y) in data.extra_val.items()}
+    if cfg.select_metric == MEAN_ACC and not extra_val:
+        raise UserError(f"select_metric {MEAN_ACC} averages val_acc with other val sets' accuracy, and this run "
+                        "has none; use val_acc (fine-tuning adds its source's val: `fer-tune transfer --select mean`)")
     num_classes = len(data.classes)
     in_chans, img_size = train_x.shape[1], train_x.shape[-1]
     start = resume or init
@@ -174,12 +184,20 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
     # The weights that are evaluated, selected and saved: the moving average when there is one.
     scored = ema.module if ema is not None else model
 
-    def evaluate() -> dict:
-        logits = predict_logits(scored, val_x, mean=mean, std=std, batch_size=cfg.eval_batch_size,
+    def scores_on(x: torch.Tensor, y: torch.Tensor, prefix: str) -> dict:
+        logits = predict_logits(scored, x, mean=mean, std=std, batch_size=cfg.eval_batch_size,
                                 precision=precision, channels_last=cfg.channels_last)
-        scores = scores_from_confusion(confusion_matrix(val_y, logits.argmax(1), num_classes))
-        return {"val_loss": float(F.cross_entropy(logits, val_y)), "val_acc": scores["accuracy"],
-                "val_macro_f1": scores["macro_f1"]}
+        scores = scores_from_confusion(confusion_matrix(y, logits.argmax(1), num_classes))
+        return {f"{prefix}_loss": float(F.cross_entropy(logits, y)), f"{prefix}_acc": scores["accuracy"],
+                f"{prefix}_macro_f1": scores["macro_f1"]}
+
+    def evaluate() -> dict:
+        metrics = scores_on(val_x, val_y, "val")
+        for name, (x, y) in extra_val.items():
+            metrics.update(scores_on(x, y, f"val_{name}"))
+        if extra_val:
+            metrics[MEAN_ACC] = float(np.mean([metrics["val_acc"], *(metrics[f"val_{n}_acc"] for n in extra_val)]))
+        return metrics
 
     sign = selection_sign(cfg.select_metric)
     history: list[dict] = []
@@ -217,7 +235,7 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
     reporter.start({"epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch, "precision": precision,
                     "device": str(device), "params": sum(p.numel() for p in model.parameters()),
                     "train_images": len(train_x), "val_images": len(val_x), "world_size": world,
-                    "config": cfg.to_dict()})
+                    "extra_metrics": extra_metric_names(extra_val), "config": cfg.to_dict()})
     stop_reason = "completed"
     try:
         # 3. Epochs.
@@ -278,6 +296,12 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
         reporter.close()
     return FitResult(config=cfg, history=history, best=best, epochs_run=len(history), stop_reason=stop_reason,
                      best_state=best_state, norm=(mean, std))
+
+
+def extra_metric_names(extra_val) -> list[str]:
+    """The per-epoch metric names that extra val sets add, in the order the loop reports them."""
+    names = [f"val_{name}_{m}" for name in extra_val for m in ("loss", "acc", "macro_f1")]
+    return names + [MEAN_ACC] if names else []
 
 
 def cpu_state(module: torch.nn.Module, clone: bool = False) -> dict:

@@ -55,10 +55,12 @@ class MemoryReporter(Reporter):
 
 
 def epoch_line(metrics: dict, epochs: int, is_best: bool) -> str:
-    """The one line printed per epoch; `*` marks a new best val epoch."""
+    """The one line printed per epoch; `*` marks a new best val epoch. Extra val sets show their accuracy."""
+    extra = "".join(f"  {k} {v:.4f}" for k, v in metrics.items()
+                    if k not in METRIC_NAMES and k.startswith("val_") and k.endswith("_acc"))
     return (f"epoch {int(metrics['epoch']):3d}/{epochs}  train_loss {metrics['train_loss']:.4f}  "
             f"train_acc {metrics['train_acc']:.4f}  val_loss {metrics['val_loss']:.4f}  "
-            f"val_acc {metrics['val_acc']:.4f}  val_macro_f1 {metrics['val_macro_f1']:.4f}  "
+            f"val_acc {metrics['val_acc']:.4f}  val_macro_f1 {metrics['val_macro_f1']:.4f}{extra}  "
             f"{metrics['images_per_second']:.0f} img/s  {metrics['epoch_seconds']:.1f}s" + ("  *" if is_best else ""))
 
 
@@ -100,7 +102,8 @@ class RunFolderReporter(Reporter):
 
             self._writer = SummaryWriter(str(self.run_dir))
         self._csv_file = open(self.run_dir / "metrics.csv", "w", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_NAMES, extrasaction="ignore")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=[*METRIC_NAMES, *info.get("extra_metrics", ())],
+                                   extrasaction="ignore")
         self._csv.writeheader()
         self._print(start_line(info))
         self._new_bar(1)
