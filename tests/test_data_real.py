@@ -1,7 +1,6 @@
 """The data layer on the real archives in ../shared/datasets (figures from its SOURCES.md)."""
 
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest

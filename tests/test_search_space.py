@@ -199,6 +199,8 @@ def test_budget_metric_and_mode():
      r"model 'mlp' has no argument 'width'; it accepts hidden"),
     ({"metric": "val_accuracy"}, r"metric 'val_accuracy' is not one of train_loss, train_acc, val_loss, val_acc, val_macro_f1"),
     ({"mode": "maximise"}, r"mode 'maximise' must be min or max"),
+    ({"select_metric": {"choice": ["val_acc", "val_mean_acc"]}},
+     r"select_metric val_mean_acc is for fine-tuning.*use val_acc, val_macro_f1, val_loss"),
     ({"reduction_factor": 1}, r"reduction_factor must be >= 2"),
     ({"max_epochs": 0}, r"max_epochs must be a whole number >= 1"),
     ({"promotion_window": -1}, r"promotion_window must be a whole number >= 0"),
@@ -218,6 +220,10 @@ def test_unknown_space_name_lists_the_available_ones(tmp_path):
     bad.write_text("max_epochs: 2\nlr: [1, 2\n")
     with pytest.raises(UserError, match=r"bad.yaml: not valid YAML \(line 3, column 1: expected ',' or ']'"):
         load_space(str(bad))
+    control = tmp_path / "control.yaml"  # the reader's errors carry no problem mark
+    control.write_text("max_epochs: 2\x07\n")
+    with pytest.raises(UserError, match=r"control.yaml: not valid YAML \(unacceptable character #x0007"):
+        load_space(str(control))
     twice = tmp_path / "twice.yaml"  # YAML itself would keep the second and drop the search range
     twice.write_text("max_epochs: 2\ndropout: {uniform: [0.1, 0.3]}\nlr: 0.01\ndropout: 0.1\n")
     with pytest.raises(UserError, match=r"twice.yaml: key 'dropout' is given twice \(lines 2 and 4\); keep one"):

@@ -1,5 +1,6 @@
 """`fer-tune transfer`: a toy FER-2013 model moved to a toy 'rafdb' (the same boxes, shifted and brighter)."""
 
+import csv
 import importlib
 import json
 from pathlib import Path
@@ -71,6 +72,14 @@ def test_transfer_all_strategies(world, monkeypatch):
         cm = np.array(t["confusion_matrix"])
         assert cm.sum() == 140 and r["target_acc"] == pytest.approx(np.trace(cm) / 140)
     assert rows["zero-shot"]["epochs_run"] == 0 and rows["full"]["epochs_run"] == 2
+    # Every strategy's epochs were scored on fer2013 val too; the default keeps the best rafdb val epoch.
+    assert m["selection"] == {"select": "target", "metric": "val_acc"}
+    for name in m["strategies"]:
+        history = list(csv.DictReader(open(exp / "transfer" / name / "metrics.csv")))
+        assert len(history) == 2 and all(0 <= float(h["val_source_acc"]) <= 1 for h in history)
+        best = max(history, key=lambda h: float(h["val_acc"]))  # the first of equals, as the loop keeps it
+        assert rows[name]["best_epoch"] == int(best["epoch"])
+        assert rows[name]["source_val_acc"] == pytest.approx(float(best["val_source_acc"]))
     assert m["source_model_sha256"] == file_sha256(Path(m["source_model"]))
     # Fine-tuning on the shifted data beats using the model as it is.
     assert max(rows[s]["target_acc"] for s in ("full", "joint")) > rows["zero-shot"]["target_acc"]
@@ -171,12 +180,12 @@ def test_an_ensembles_best_network_by_val_is_transferred_and_named(world, tmp_pa
                for line in lines), lines
 
 
-def test_select_mean_keeps_the_epoch_best_on_both_val_splits(world, tmp_path):
-    """--select mean: each strategy keeps the epoch with the best mean of target and source val accuracy;
-    the source val curve (the forgetting as it happens) is in every run's metrics.csv."""
-    import csv
+def test_select_mean_keeps_the_epoch_best_on_both_val_splits(world, tmp_path, capsys):
+    """`fer-tune transfer --select mean`: each strategy keeps the epoch with the best mean of target and
+    source val accuracy."""
     import shutil
 
+    from fer_tune.cli import main
     from fer_tune.evaluate.evaluate import probs_of_checkpoint
 
     data_root, exp = world
@@ -184,23 +193,30 @@ def test_select_mean_keeps_the_epoch_best_on_both_val_splits(world, tmp_path):
     shutil.copytree(exp, copy, ignore=shutil.ignore_patterns("transfer"))
     with pytest.raises(UserError, match="--select both: choose one of target, mean"):
         transfer(copy, to="rafdb", select="both", data_root=data_root, **QUIET)
-    lines = []
-    m = transfer(copy, to="rafdb", strategy="joint", select="mean", epochs=4, lr_factor=1.0, data_root=data_root,
-                 progress=False, log=lines.append)
+    assert main(["transfer", str(copy), "--to", "rafdb", "--strategy", "joint", "--select", "mean", "--epochs", "4",
+                 "--lr-factor", "1", "--data-root", str(data_root), "--quiet"]) == 0
+    m = json.loads((copy / "transfer" / "metrics.json").read_text())
+    assert m["selection"] == {"select": "mean", "metric": "val_mean_acc"}
     rows = {r["strategy"]: r for r in m["comparison"]}
     history = list(csv.DictReader(open(copy / "transfer" / "joint" / "metrics.csv")))
-    means = [float(h["val_mean_acc"]) for h in history]
     for h in history:
         assert float(h["val_mean_acc"]) == pytest.approx((float(h["val_acc"]) + float(h["val_source_acc"])) / 2)
-    best = history[int(np.argmax(means))]
+    best = max(history, key=lambda h: float(h["val_mean_acc"]))
     assert rows["joint"]["best_epoch"] == int(best["epoch"])
     assert rows["joint"]["target_val_acc"] == pytest.approx(float(best["val_acc"]))
     assert rows["joint"]["source_val_acc"] == pytest.approx(float(best["val_source_acc"]))
-    assert m["selection"] == {"select": "mean", "metric": "val_mean_acc"}
-    # Zero-shot's source val accuracy: the source model on fer2013 val, the line the curves start from.
+    # Zero-shot's val accuracies: the source model on each val split, before any fine-tuning.
     source = load_checkpoint(Path(m["source_model"]))
-    vx, vy = PreparedDataset(data_root / "fer2013").arrays("val")
-    assert rows["zero-shot"]["source_val_acc"] == pytest.approx(float((probs_of_checkpoint(source, vx).argmax(1) == vy).mean()))
-    table = next(text for text in lines if text.startswith("strategy")).splitlines()
-    assert "fer2013 val" in table[0] and f"{rows['joint']['source_val_acc']:.4f}" in table[2]
+    for key, name in (("source_val_acc", "fer2013"), ("target_val_acc", "rafdb")):
+        vx, vy = PreparedDataset(data_root / name).arrays("val")
+        assert rows["zero-shot"][key] == pytest.approx(float((probs_of_checkpoint(source, vx).argmax(1) == vy).mean()))
+    table = capsys.readouterr().out
+    assert "fer2013 val" in table and f"{rows['joint']['source_val_acc']:.4f}" in table
     assert "best epoch by the mean of rafdb val and fer2013 val accuracy" in (copy / "transfer" / "report.md").read_text()
+
+    # A model fine-tuned that way carries val_mean_acc; --select target on it goes back to val_acc.
+    from fer_tune.train import TrainConfig
+    tuned = TrainConfig.from_dict(load_checkpoint(copy / "transfer" / "joint" / "best.pt")["config"])
+    assert tuned.select_metric == "val_mean_acc"
+    assert transfer_mod.selection_metric("target", tuned) == "val_acc"
+    assert transfer_mod.selection_metric("target", tuned.replace(select_metric="val_loss")) == "val_loss"

@@ -70,8 +70,8 @@ def add_commands(sub, data_root_flag) -> None:
     p = sub.add_parser(
         "transfer", help="zero-shot and fine-tuned transfer of the retrained model to another dataset",
         description="(1) the retrained model (final/) on the target's test split; (2) fine-tune on the target's "
-                    "train split (its val split selects the epoch); (3) target test after; (4) source test after "
-                    "(forgetting). Writes <experiment>/transfer/.")
+                    "train split, scoring every epoch on the target's and the source's val split (--select picks the epoch "
+                    "kept); (3) target test after; (4) source test after (forgetting). Writes <experiment>/transfer/.")
     p.add_argument("experiment", nargs="?", help="experiment name under --storage or its folder (default: latest)")
     p.add_argument("--to", required=True, help="target prepared dataset (name or folder), e.g. rafdb")
     p.add_argument("--strategy", default="full", choices=[*STRATEGIES, "all"],
@@ -82,8 +82,9 @@ def add_commands(sub, data_root_flag) -> None:
                    help=f"joint (and all): share of source images in the training mixture (default "
                         f"{DEFAULT_JOINT_FRACTION})")
     p.add_argument("--select", choices=("target", "mean"), default="target",
-                   help="the epoch each strategy keeps: target = best target val accuracy; mean = best mean of "
-                        "target and source val accuracy, which weighs what is forgotten (default target)")
+                   help="the epoch each strategy keeps: target = the best on the target's val split (by the "
+                        "model's selection metric, val_acc unless its search chose another); mean = the best mean "
+                        "of target and source val accuracy, which weighs what is forgotten (default target)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: half of the source model's)")
     p.add_argument("--lr-factor", type=float,
                    help="fine-tuning lr = this x the model's lr (default 0.1; 1 for linear-probe)")

@@ -14,8 +14,9 @@ dataset, and what fine-tuning on it costs on the original one.
      `joint_fraction` of them from the source (default 0.5: equal parts), the usual remedy for
      forgetting; the source images are a stratified sample of its train split;
    every epoch is scored on the target's val split and on the source's (`val_source_acc`: the
-   forgetting as it happens); `select` chooses the epoch kept: "target" the best target val
-   accuracy, "mean" the best mean of the two (`val_mean_acc`: a point of either counts the same);
+   forgetting as it happens); `select` chooses the epoch kept: "target" the best on the target's val
+   split by the source model's selection metric (val_acc unless its search chose another), "mean"
+   the best mean of target and source val accuracy (`val_mean_acc`: a point of either counts the same);
 3. the target's test split after fine-tuning;
 4. the source's test split after fine-tuning: the drop from before is what was forgotten.
 
@@ -39,7 +40,7 @@ from fer_tune.evaluate import report as rep
 from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, scores, split_scores
 from fer_tune.evaluate.experiment import read_experiment
 from fer_tune.train.checkpoint import load_checkpoint
-from fer_tune.train.config import MEAN_ACC, TrainConfig, selection_sign
+from fer_tune.train.config import MEAN_ACC, METRICS, TrainConfig, selection_sign
 from fer_tune.train.loop import TrainData, fit
 from fer_tune.train.report import RunFolderReporter
 from fer_tune.train.runtime import applied_tta, tta_description
@@ -50,7 +51,7 @@ FREEZE = {"full": "none", "freeze-lower": "lower", "linear-probe": "backbone", "
 # single layer, which the searched lr suits.
 LR_FACTOR = {"full": 0.1, "freeze-lower": 0.1, "linear-probe": 1.0, "joint": 0.1}
 DEFAULT_JOINT_FRACTION = 0.5
-SELECT = {"target": None, "mean": MEAN_ACC}  # None: the source model's own select_metric (val_acc unless searched otherwise)
+SELECT = ("target", "mean")
 
 
 def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "full",
@@ -113,7 +114,7 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
         for name in strategies:
             cfg = base.replace(freeze=FREEZE[name], lr=base.lr * (lr_factor or LR_FACTOR[name]), epochs=n_epochs,
                                seed=seed, subset=1.0, time_budget=time_budget or 0.0,
-                               select_metric=SELECT[select] or base.select_metric)
+                               select_metric=selection_metric(select, base))
             data, mix = (joint_data(tgt_data, src, joint_fraction, seed) if name == "joint" else (tgt_data, None))
             log(f"fine-tuning: {name} (freeze {cfg.freeze}, lr {cfg.lr:.3g}, {len(data.train_y)} train images"
                 + (f", {mix['source_images']} of them from {src.name}" if mix else "") + ")")
@@ -127,8 +128,8 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
         # Test splits: read once each, after all fine-tuning; each model scores each once.
         src_test, tgt_test = EvalData.from_prepared(src, "test"), EvalData.from_prepared(tgt, "test")
         models = {"zero-shot": state, **{n: load_checkpoint(out / n / "best.pt") for n in runs}}
-        zero_shot_val = scores(src_val[1], probs_of_checkpoint(state, src_val[0], device=device).argmax(1),
-                               src.classes)["accuracy"]
+        zero_shot_val = {name: scores(y, probs_of_checkpoint(state, x, device=device).argmax(1), src.classes)["accuracy"]
+                         for name, (x, y) in (("target", (tgt_data.val_x, tgt_data.val_y)), ("source", src_val))}
         tests = {}
         for name, st in models.items():
             tests[name] = {
@@ -137,11 +138,19 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
                 "source": split_scores(score_on_test(st, src_test.images, tta=tta, device=device), src_test.labels,
                                        src_test.classes, src_test.train_copy)}
         metrics = _metrics(exp, ckpt_path, src, tgt, runs, tests, tta=tta, joint_fraction=joint_fraction,
-                           select=select, source_val_before=zero_shot_val, seconds=time.time() - t0)
+                           select=select, zero_shot_val=zero_shot_val, seconds=time.time() - t0)
         write_transfer_report(out, metrics, runs)
     log(comparison_table(metrics))
     log(f"written: {exp.transfer_dir}/ (report.md, metrics.json)")
     return metrics
+
+
+def selection_metric(select: str, base: TrainConfig) -> str:
+    """The metric that picks each strategy's epoch: "mean" val_mean_acc; "target" the source model's own
+    on the target's val split (a model fine-tuned before may carry val_mean_acc: then val_acc)."""
+    if select == "mean":
+        return MEAN_ACC
+    return base.select_metric if base.select_metric in METRICS else "val_acc"
 
 
 def score_on_test(state: dict, images: np.ndarray, *, tta: str | None = None, device: str | None = None) -> np.ndarray:
@@ -205,7 +214,7 @@ def _check_compatible(src, tgt, state: dict, ckpt: Path) -> None:
 
 # -- metrics and report ---------------------------------------------------------------------------
 
-def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, select, source_val_before, seconds) -> dict:
+def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, select, zero_shot_val, seconds) -> dict:
     before = tests["zero-shot"]["source"]["all"]["accuracy"]
     rows = []
     for name, t in tests.items():
@@ -215,8 +224,8 @@ def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, select, s
             "target_macro_f1": t["target"]["all"]["macro_f1"],
             "source_acc": t["source"]["all"]["accuracy"], "source_macro_f1": t["source"]["all"]["macro_f1"],
             "forgetting": before - t["source"]["all"]["accuracy"],
-            "target_val_acc": run["result"].best.get("val_acc") if run else None,
-            "source_val_acc": run["result"].best.get("val_source_acc") if run else source_val_before,
+            "target_val_acc": run["result"].best.get("val_acc") if run else zero_shot_val["target"],
+            "source_val_acc": run["result"].best.get("val_source_acc") if run else zero_shot_val["source"],
             "epochs_run": run["result"].epochs_run if run else 0,
             "best_epoch": run["result"].best.get("epoch") if run else None,
             "seconds": round(run["seconds"], 1) if run else 0.0})
@@ -297,13 +306,14 @@ def transfer_markdown(m: dict, plots: dict) -> str:
              f"on {tgt} train and keeps its best epoch by {_selection_words(m, tgt, src)}. Every model is scored "
              f"once on the {tgt} test "
              f"split and once on the {src} test split; **forgot** is the drop in {src} test accuracy from the "
-             f"model before fine-tuning. Test-time augmentation: {m['tta']}.", "",
+             f"model before fine-tuning; the val accuracies are the kept epoch's (zero-shot's: the model as it is). "
+             f"Test-time augmentation: {m['tta']}.", "",
              "## Comparison", "", f"![comparison]({plots['comparison']})", ""]
     rows = [[r["strategy"], r["target_acc"], r["target_macro_f1"], r["source_acc"], f"{r['forgetting']:+.4f}",
              r["target_val_acc"], r.get("source_val_acc"), r["epochs_run"] or "", f"{r['seconds']:.0f}"]
             for r in m["comparison"]]
     lines += [rep.md_table(["strategy", f"{tgt} test acc", f"{tgt} test macro-F1", f"{src} test acc", "forgot",
-                            f"{tgt} val acc (selected epoch)", f"{src} val acc (selected epoch)", "epochs", "seconds"],
+                            f"{tgt} val acc", f"{src} val acc", "epochs", "seconds"],
                            rows), ""]
     if m["strategies"]:
         lines += ["## Strategies", ""]

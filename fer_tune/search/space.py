@@ -37,8 +37,8 @@ from typing import Any
 import yaml
 
 from fer_tune.errors import UserError
-from fer_tune.train.config import (CLASS_WEIGHTS, MODEL_KW, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig,
-                                    lower_is_better, read_user_yaml)
+from fer_tune.train.config import (CLASS_WEIGHTS, MEAN_ACC, METRICS, MODEL_KW, OPTIMIZERS, PRECISIONS, SCHEDULES,
+                                    TrainConfig, lower_is_better, read_user_yaml)
 from fer_tune.train.report import METRIC_NAMES
 
 # search_spaces/ of the repository (a clone, an editable install); an installed wheel carries the
@@ -497,6 +497,9 @@ def _check_values(param: Param, space: SearchSpace, where: str) -> None:
             # the trial would coerce it, but the tables and records would show the text
             raise UserError(f"{where}: {name}: {value!r} is text, not a number (write floats with a dot: 1.0e-4; "
                             "YAML reads 1e-4 as text)")
+        if name == "select_metric" and value == MEAN_ACC:
+            raise UserError(f"{where}: select_metric {MEAN_ACC} is for fine-tuning, which scores a second val split "
+                            f"(`fer-tune transfer --select mean`); a search trial has one: use {', '.join(METRICS)}")
         try:
             TrainConfig.from_dict({name: value, "model_kwargs": {}}, source=where)
         except UserError as exc:

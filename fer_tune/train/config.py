@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from fer_tune.errors import UserError
+from fer_tune.errors import UserError, first_line
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
 SCHEDULES = ("cosine", "onecycle", "plateau", "constant")

@@ -123,6 +123,8 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
     extra_val = {name: (torch.as_tensor(np.ascontiguousarray(x)).to(device),
                         torch.as_tensor(np.asarray(y, dtype=np.int64)).to(device))
                  for name, (x, y) in data.extra_val.items()}
+    if "mean" in extra_val:
+        raise ValueError(f"TrainData.extra_val: the name 'mean' is taken ({MEAN_ACC}); call the set something else")
     if cfg.select_metric == MEAN_ACC and not extra_val:
         raise UserError(f"select_metric {MEAN_ACC} averages val_acc with other val sets' accuracy, and this run "
                         "has none; use val_acc (fine-tuning adds its source's val: `fer-tune transfer --select mean`)")
@@ -177,7 +179,8 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
         return loss.detach(), logits.detach()
 
     if cfg.time_budget > 0 and resume is None:
-        cfg = cfg.replace(epochs=_epochs_for_budget(cfg, model, optimizer, train_step, train_x, train_y, val_x,
+        n_val = len(val_x) + sum(len(x) for x, _ in extra_val.values())  # every val set is scored each epoch
+        cfg = cfg.replace(epochs=_epochs_for_budget(cfg, model, optimizer, train_step, train_x, train_y, val_x, n_val,
                                                    steps_per_epoch, batch, precision, mean, std, world))
         ema, ema_steps = new_ema(model, cfg), 0  # the timing steps moved it
     schedule = Schedule(optimizer, cfg, steps_per_epoch)
@@ -371,10 +374,11 @@ def freeze_modules(model: torch.nn.Module, how: str) -> list[torch.nn.Module]:
             if list(m.parameters(recurse=False)) and not any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
-def _epochs_for_budget(cfg, model, optimizer, train_step, train_x, train_y, val_x, steps_per_epoch, batch,
+def _epochs_for_budget(cfg, model, optimizer, train_step, train_x, train_y, val_x, n_val, steps_per_epoch, batch,
                        precision, mean, std, world) -> int:
-    """How many epochs fit in cfg.time_budget: time a few real training steps and an eval pass,
-    then restore the model and optimizer to their initial state."""
+    """How many epochs fit in cfg.time_budget: time a few real training steps and an eval pass over
+    part of val (scaled to the `n_val` images scored per epoch), then restore the model and
+    optimizer to their initial state."""
     t_start = time.perf_counter()
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(optimizer.state_dict())
@@ -392,7 +396,7 @@ def _epochs_for_budget(cfg, model, optimizer, train_step, train_x, train_y, val_
     t0 = time.perf_counter()
     predict_logits(model, probe, mean=mean, std=std, batch_size=cfg.eval_batch_size, precision=precision,
                    channels_last=cfg.channels_last)
-    eval_seconds = (time.perf_counter() - t0) * len(val_x) / max(1, len(probe))
+    eval_seconds = (time.perf_counter() - t0) * n_val / max(1, len(probe))
     epoch_seconds = torch.tensor([steps_per_epoch * step_seconds + eval_seconds], device=train_x.device)
     if world > 1:
         dist.all_reduce(epoch_seconds, op=dist.ReduceOp.MAX)
