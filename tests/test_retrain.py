@@ -388,7 +388,8 @@ def test_dataset_must_be_the_one_searched(toy_fer, tmp_path):
 
 
 def cli(argv):
-    """Our subcommands on a parser like fer_tune.cli's (its main() is not wired to them yet)."""
+    """The retrain/transfer/evaluate/predict subcommands on a bare parser: (exit code, the UserError's
+    message), where fer_tune.cli.main would print the message."""
     from fer_tune.evaluate.cli import add_commands
 
     parser = argparse.ArgumentParser(prog="fer-tune")
@@ -419,6 +420,9 @@ def test_cli_retrain_rank(toy_fer, tmp_path, capsys):
     assert 1 <= model["epochs_run"] == model["config"]["epochs"] < 1000 and model["config"]["time_budget"] == 2.0
     code, err = cli(["retrain", "exp", "--storage", str(tmp_path), "--data-root", str(data_root), "--seeds", "0"])
     assert code == 2 and err == "--seeds 0: must be >= 1"
+    code, err = cli(["retrain", "exp", "--storage", str(tmp_path), "--data-root", str(data_root), "--epochs", "10",
+                     "--time-budget", "1h"])
+    assert code == 2 and err.startswith("--epochs and --time-budget exclude each other")
     with pytest.raises(SystemExit):  # argparse: --rank and --top-k are exclusive
         cli(["retrain", "exp", "--rank", "1", "--top-k", "2"])
 

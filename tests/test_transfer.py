@@ -139,6 +139,8 @@ def test_transfer_needs_a_retrained_model(world, tmp_path):
         transfer(bare, to="rafdb", data_root=data_root, **QUIET)
     with pytest.raises(UserError, match="--strategy everything: choose one of full, freeze-lower"):
         transfer(bare, to="rafdb", strategy="everything", data_root=data_root, **QUIET)
+    with pytest.raises(UserError, match="--epochs and --time-budget exclude each other"):
+        transfer(bare, to="rafdb", epochs=5, time_budget=60.0, data_root=data_root, **QUIET)
     with pytest.raises(UserError, match="--joint-fraction 1.0: must lie strictly between 0 and 1"):
         transfer(bare, to="rafdb", strategy="joint", joint_fraction=1.0, data_root=data_root, **QUIET)
 

@@ -54,7 +54,7 @@ from fer_tune.train.report import RunFolderReporter
 from fer_tune.train.runtime import applied_tta, tta_description, tta_mode_described
 
 DEFAULT_EPOCH_FACTOR = 2.0
-BUDGET_EPOCH_CAP = 100_000  # with a time budget the loop sizes the epochs (timing real steps); this only caps them
+BUDGET_EPOCH_CAP = 100_000  # with a time budget the loop sizes the epochs (timing real steps); a placeholder
 DEFAULT_SCREEN_BUDGET = 600.0  # seconds per screened config without --time-budget
 SUBSETS = ("all", "no_train_copy")
 
@@ -665,6 +665,9 @@ def _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, 
         raise UserError(f"--first-seed {first_seed}: must be >= 0")
     if epochs is not None and epochs < 1:
         raise UserError(f"--epochs {epochs}: must be >= 1")
+    if epochs is not None and time_budget is not None:
+        raise UserError("--epochs and --time-budget exclude each other: give a number of epochs, or a duration to fit as many as "
+                        "the machine trains in it")
     if not epoch_factor > 0:
         raise UserError(f"--epoch-factor {epoch_factor}: must be > 0")
     if time_budget is not None and not time_budget > 0:
@@ -703,8 +706,7 @@ def _dataset_of(exp: Experiment, dataset: str | None, data_root, datasets):
 
 def _epochs(exp: Experiment, epochs, factor, time_budget) -> tuple[int, str]:
     if epochs:
-        budget = f", time budget {time_budget:.0f} s per run" if time_budget else ""
-        return int(epochs), f"{epochs} (--epochs){budget}"
+        return int(epochs), f"{epochs} (--epochs)"
     if time_budget:
         return BUDGET_EPOCH_CAP, f"as many as fit in {time_budget:.0f} s per run (--time-budget)"
     if not exp.max_epochs:

@@ -78,6 +78,9 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
         raise UserError(f"--joint-fraction {joint_fraction}: must lie strictly between 0 and 1")
     if epochs is not None and epochs < 1:
         raise UserError(f"--epochs {epochs}: must be >= 1")
+    if epochs is not None and time_budget is not None:
+        raise UserError("--epochs and --time-budget exclude each other: give a number of epochs, or a duration to fit as many as "
+                        "the machine trains in it")
     if lr_factor is not None and not lr_factor > 0:
         raise UserError(f"--lr-factor {lr_factor}: must be > 0")
     if time_budget is not None and not time_budget > 0:
