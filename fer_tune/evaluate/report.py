@@ -54,16 +54,14 @@ def plot_learning_curves(histories: dict[str, list[dict]], path: Path, title: st
         best = next((h for h in history if h["epoch"] == chosen), None) or max(history, key=lambda h: h["val_acc"])
         ax_acc.plot([best["epoch"]], [best["val_acc"]], "o", color=color, markersize=6)
     source = any(h and "val_source_acc" in h[0] for h in histories.values())
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (train dashed, val solid)")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy",
-               title="accuracy (train dashed, val solid" + ("; source val dotted" if source else "")
-               + "; o = selected epoch)")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy (o = selected epoch)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     if len(histories) <= 10:
         ax_acc.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title)
+    fig.suptitle(f"{title}\ntrain dashed, val solid" + (", source val dotted" if source else ""), fontsize=11)
     return _save(fig, path)
 
 
