@@ -214,7 +214,8 @@ def test_select_mean_keeps_the_epoch_best_on_both_val_splits(world, tmp_path, ca
         assert rows["zero-shot"][key] == pytest.approx(float((probs_of_checkpoint(source, vx).argmax(1) == vy).mean()))
     table = capsys.readouterr().out
     assert "fer2013 val" in table and f"{rows['joint']['source_val_acc']:.4f}" in table
-    assert "best epoch by the mean of rafdb val and fer2013 val accuracy" in (copy / "transfer" / "report.md").read_text()
+    report = (copy / "transfer" / "report.md").read_text()
+    assert "best epoch by the mean of rafdb val and fer2013 val accuracy" in report
 
     # A model fine-tuned that way carries val_mean_acc; --select target on it goes back to val_acc.
     from fer_tune.train import TrainConfig

@@ -70,8 +70,9 @@ def add_commands(sub, data_root_flag) -> None:
     p = sub.add_parser(
         "transfer", help="zero-shot and fine-tuned transfer of the retrained model to another dataset",
         description="(1) the retrained model (final/) on the target's test split; (2) fine-tune on the target's "
-                    "train split, scoring every epoch on the target's and the source's val split (--select picks the epoch "
-                    "kept); (3) target test after; (4) source test after (forgetting). Writes <experiment>/transfer/.")
+                    "train split, scoring every epoch on the target's and the source's val split (--select picks "
+                    "the epoch kept); (3) target test after; (4) source test after (forgetting). Writes "
+                    "<experiment>/transfer/.")
     p.add_argument("experiment", nargs="?", help="experiment name under --storage or its folder (default: latest)")
     p.add_argument("--to", required=True, help="target prepared dataset (name or folder), e.g. rafdb")
     p.add_argument("--strategy", default="full", choices=[*STRATEGIES, "all"],
@@ -161,7 +162,8 @@ def cmd_transfer(args) -> None:
 
     transfer(args.experiment, to=args.to, strategy=args.strategy, storage=args.storage, checkpoint=args.checkpoint,
              source_dataset=args.source_dataset, epochs=args.epochs, lr_factor=args.lr_factor,
-             joint_fraction=args.joint_fraction, select=args.select, seed=args.seed, time_budget=args.time_budget, tta=tta_of(args),
+             joint_fraction=args.joint_fraction, select=args.select, seed=args.seed, time_budget=args.time_budget,
+             tta=tta_of(args),
              data_root=args.data_root, device=args.device, force=args.force, progress=not args.quiet)
 
 

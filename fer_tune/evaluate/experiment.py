@@ -64,6 +64,18 @@ class Experiment:
         return ranked_configs(self, count)
 
 
+def check_epochs_or_budget(epochs: int | None, time_budget: float | None) -> None:
+    """`retrain` and `transfer` (like `train`) take a number of epochs or a time budget, not both: with a
+    budget the loop sizes the epochs itself."""
+    if epochs is not None and epochs < 1:
+        raise UserError(f"--epochs {epochs}: must be >= 1")
+    if time_budget is not None and not time_budget > 0:
+        raise UserError(f"--time-budget {time_budget}: must be > 0 seconds")
+    if epochs is not None and time_budget is not None:
+        raise UserError("--epochs and --time-budget exclude each other: give a number of epochs, or a duration "
+                        "to train as many as fit in it")
+
+
 def read_experiment(target: str | Path | None, storage: str | Path = "results") -> Experiment:
     """An experiment folder (a path, a name under `storage`, or None for the latest there)."""
     from fer_tune.search.results import find_experiment

@@ -45,7 +45,7 @@ from fer_tune.data.decode import file_sha256
 from fer_tune.errors import RunFailed, UserError, first_line
 from fer_tune.evaluate import report as rep
 from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint_with_and_without_tta, split_scores
-from fer_tune.evaluate.experiment import Experiment, RankedConfig, read_experiment
+from fer_tune.evaluate.experiment import Experiment, RankedConfig, check_epochs_or_budget, read_experiment
 from fer_tune.search.storage import remote_experiment
 from fer_tune.train.checkpoint import load_checkpoint
 from fer_tune.train.config import TrainConfig, selection_sign
@@ -663,15 +663,9 @@ def _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, 
         raise UserError(f"--seeds {seeds}: must be >= 1")
     if first_seed is not None and first_seed < 0:
         raise UserError(f"--first-seed {first_seed}: must be >= 0")
-    if epochs is not None and epochs < 1:
-        raise UserError(f"--epochs {epochs}: must be >= 1")
-    if epochs is not None and time_budget is not None:
-        raise UserError("--epochs and --time-budget exclude each other: give a number of epochs, or a duration to fit as many as "
-                        "the machine trains in it")
+    check_epochs_or_budget(epochs, time_budget)
     if not epoch_factor > 0:
         raise UserError(f"--epoch-factor {epoch_factor}: must be > 0")
-    if time_budget is not None and not time_budget > 0:
-        raise UserError(f"--time-budget {time_budget}: must be > 0 seconds")
     if not 0 < subset <= 1:
         raise UserError(f"--subset {subset}: must be a fraction of train in (0, 1]")
     if not cpus > 0 or gpus < 0:

@@ -38,7 +38,7 @@ from fer_tune.data.decode import file_sha256
 from fer_tune.errors import UserError
 from fer_tune.evaluate import report as rep
 from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, scores, split_scores
-from fer_tune.evaluate.experiment import read_experiment
+from fer_tune.evaluate.experiment import check_epochs_or_budget, read_experiment
 from fer_tune.train.checkpoint import load_checkpoint
 from fer_tune.train.config import MEAN_ACC, METRICS, TrainConfig, selection_sign
 from fer_tune.train.loop import TrainData, fit
@@ -76,15 +76,9 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
     joint_fraction = DEFAULT_JOINT_FRACTION if joint_fraction is None else joint_fraction
     if not 0 < joint_fraction < 1:
         raise UserError(f"--joint-fraction {joint_fraction}: must lie strictly between 0 and 1")
-    if epochs is not None and epochs < 1:
-        raise UserError(f"--epochs {epochs}: must be >= 1")
-    if epochs is not None and time_budget is not None:
-        raise UserError("--epochs and --time-budget exclude each other: give a number of epochs, or a duration to fit as many as "
-                        "the machine trains in it")
+    check_epochs_or_budget(epochs, time_budget)
     if lr_factor is not None and not lr_factor > 0:
         raise UserError(f"--lr-factor {lr_factor}: must be > 0")
-    if time_budget is not None and not time_budget > 0:
-        raise UserError(f"--time-budget {time_budget}: must be > 0 seconds")
     exp = read_experiment(experiment, storage)
     if exp.transfer_dir.exists() and not force:
         raise UserError(f"{exp.transfer_dir} already exists; pass --force to replace it (it is replaced only when "
@@ -131,8 +125,10 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
         # Test splits: read once each, after all fine-tuning; each model scores each once.
         src_test, tgt_test = EvalData.from_prepared(src, "test"), EvalData.from_prepared(tgt, "test")
         models = {"zero-shot": state, **{n: load_checkpoint(out / n / "best.pt") for n in runs}}
-        zero_shot_val = {name: scores(y, probs_of_checkpoint(state, x, device=device).argmax(1), src.classes)["accuracy"]
-                         for name, (x, y) in (("target", (tgt_data.val_x, tgt_data.val_y)), ("source", src_val))}
+        zero_shot_val = {}  # the model as it is on both val splits: where the fine-tuning curves start
+        for name, (x, y) in (("target", (tgt_data.val_x, tgt_data.val_y)), ("source", src_val)):
+            pred = probs_of_checkpoint(state, x, device=device).argmax(1)
+            zero_shot_val[name] = scores(y, pred, src.classes)["accuracy"]
         tests = {}
         for name, st in models.items():
             tests[name] = {
