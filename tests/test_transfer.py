@@ -141,6 +141,12 @@ def test_transfer_needs_a_retrained_model(world, tmp_path):
         transfer(bare, to="rafdb", strategy="everything", data_root=data_root, **QUIET)
     with pytest.raises(UserError, match="--epochs and --time-budget exclude each other"):
         transfer(bare, to="rafdb", epochs=5, time_budget=60.0, data_root=data_root, **QUIET)
+    for key, message in [("lr", "--set lr: transfer sets lr itself; use --lr-factor"),
+                         ("model_kwargs.hidden", "--set model_kwargs.hidden: transfer sets model_kwargs itself; the "
+                                                 "network fine-tuned is the source model's"),
+                         ("warmup", r"--set: unknown key\(s\) warmup; valid keys")]:
+        with pytest.raises(UserError, match=message):
+            transfer(bare, to="rafdb", overrides={key: 1}, data_root=data_root, **QUIET)
     with pytest.raises(UserError, match="--joint-fraction 1.0: must lie strictly between 0 and 1"):
         transfer(bare, to="rafdb", strategy="joint", joint_fraction=1.0, data_root=data_root, **QUIET)
 
@@ -196,9 +202,14 @@ def test_select_mean_keeps_the_epoch_best_on_both_val_splits(world, tmp_path, ca
     with pytest.raises(UserError, match="--select both: choose one of target, mean"):
         transfer(copy, to="rafdb", select="both", data_root=data_root, **QUIET)
     assert main(["transfer", str(copy), "--to", "rafdb", "--strategy", "joint", "--select", "mean", "--epochs", "4",
-                 "--lr-factor", "1", "--data-root", str(data_root), "--quiet"]) == 0
+                 "--lr-factor", "1", "--set", "warmup_epochs=2", "--set", "label_smoothing=0.1",
+                 "--data-root", str(data_root), "--quiet"]) == 0
     m = json.loads((copy / "transfer" / "metrics.json").read_text())
     assert m["selection"] == {"select": "mean", "metric": "val_mean_acc"}
+    # --set changed those keys of the fine-tuning run, and is on record
+    assert m["overrides"] == {"warmup_epochs": 2, "label_smoothing": 0.1}
+    tuned_cfg = m["strategies"]["joint"]["config"]
+    assert (tuned_cfg["warmup_epochs"], tuned_cfg["label_smoothing"], tuned_cfg["epochs"]) == (2, 0.1, 4)
     rows = {r["strategy"]: r for r in m["comparison"]}
     history = list(csv.DictReader(open(copy / "transfer" / "joint" / "metrics.csv")))
     for h in history:

@@ -86,6 +86,9 @@ def add_commands(sub, data_root_flag) -> None:
                    help="the epoch each strategy keeps: target = the best on the target's val split (by the "
                         "model's selection metric, val_acc unless its search chose another); mean = the best mean "
                         "of target and source val accuracy, which weighs what is forgotten (default target)")
+    p.add_argument("--set", action="append", type=_assignment, metavar="KEY=VALUE",
+                   help="change another config key of the fine-tuning runs, e.g. --set warmup_epochs=3 "
+                        "(repeatable; recorded in metrics.json under overrides)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: half of the source model's)")
     p.add_argument("--lr-factor", type=float,
                    help="fine-tuning lr = this x the model's lr (default 0.1; 1 for linear-probe)")
@@ -162,7 +165,8 @@ def cmd_transfer(args) -> None:
 
     transfer(args.experiment, to=args.to, strategy=args.strategy, storage=args.storage, checkpoint=args.checkpoint,
              source_dataset=args.source_dataset, epochs=args.epochs, lr_factor=args.lr_factor,
-             joint_fraction=args.joint_fraction, select=args.select, seed=args.seed, time_budget=args.time_budget,
+             joint_fraction=args.joint_fraction, select=args.select, overrides=dict(args.set or []), seed=args.seed,
+             time_budget=args.time_budget,
              tta=tta_of(args),
              data_root=args.data_root, device=args.device, force=args.force, progress=not args.quiet)
 

@@ -76,6 +76,17 @@ def check_epochs_or_budget(epochs: int | None, time_budget: float | None) -> Non
                         "to train as many as fit in it")
 
 
+def check_overrides(overrides: dict, own_flags: dict[str, str], command: str) -> dict:
+    """`--set KEY=VALUE` keys: config keys (checked like a config file: unknown keys and bad values are
+    one line), but not those the command sets itself (`own_flags`: key -> what to use instead)."""
+    for key in overrides:
+        own = key.split(".")[0]  # model_kwargs.width belongs to model_kwargs
+        if own in own_flags:
+            raise UserError(f"--set {key}: {command} sets {own} itself; {own_flags[own]}")
+    TrainConfig.from_dict(dict(overrides), source="--set")
+    return dict(overrides)
+
+
 def read_experiment(target: str | Path | None, storage: str | Path = "results") -> Experiment:
     """An experiment folder (a path, a name under `storage`, or None for the latest there)."""
     from fer_tune.search.results import find_experiment

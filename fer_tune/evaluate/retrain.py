@@ -45,7 +45,8 @@ from fer_tune.data.decode import file_sha256
 from fer_tune.errors import RunFailed, UserError, first_line
 from fer_tune.evaluate import report as rep
 from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint_with_and_without_tta, split_scores
-from fer_tune.evaluate.experiment import Experiment, RankedConfig, check_epochs_or_budget, read_experiment
+from fer_tune.evaluate.experiment import (Experiment, RankedConfig, check_epochs_or_budget, check_overrides,
+                                          read_experiment)
 from fer_tune.search.storage import remote_experiment
 from fer_tune.train.checkpoint import load_checkpoint
 from fer_tune.train.config import TrainConfig, selection_sign
@@ -113,7 +114,7 @@ def retrain(experiment: str | Path | None = None, *, storage: str | Path = "resu
                  first_seed, screen, screen_budget)
     if screen:
         screen_budget = screen_budget or (time_budget / 6 if time_budget else DEFAULT_SCREEN_BUDGET)
-    overrides = _check_overrides(overrides or {})
+    overrides = check_overrides(overrides or {}, OWN_FLAGS, "retrain")
     exp = read_experiment(experiment, storage)
     if exp.final_dir.exists() and not force:
         raise UserError(f"{exp.final_dir} already exists; pass --force to replace it (it is replaced only when the "
@@ -672,17 +673,8 @@ def _check_flags(rank, top_k, seeds, epochs, epoch_factor, time_budget, subset, 
         raise UserError(f"--cpus-per-run {cpus} / --gpus-per-run {gpus}: need > 0 CPUs and >= 0 GPUs")
 
 
-OWN_FLAGS = {"epochs": "--epochs or --time-budget", "time_budget": "--time-budget", "seed": "--seeds or --first-seed",
-             "subset": "--subset"}
-
-
-def _check_overrides(overrides: dict) -> dict:
-    """`--set` keys: config keys (checked like a config file), but not those retrain has flags for."""
-    for key in overrides:
-        if key in OWN_FLAGS:
-            raise UserError(f"--set {key}: retrain sets {key} itself; use {OWN_FLAGS[key]}")
-    TrainConfig.from_dict(dict(overrides), source="--set")  # unknown keys and bad values: one line
-    return dict(overrides)
+OWN_FLAGS = {"epochs": "use --epochs or --time-budget", "time_budget": "use --time-budget",
+             "seed": "use --seeds or --first-seed", "subset": "use --subset"}
 
 
 def _dataset_of(exp: Experiment, dataset: str | None, data_root, datasets):

@@ -38,7 +38,7 @@ from fer_tune.data.decode import file_sha256
 from fer_tune.errors import UserError
 from fer_tune.evaluate import report as rep
 from fer_tune.evaluate.evaluate import EvalData, probs_of_checkpoint, scores, split_scores
-from fer_tune.evaluate.experiment import check_epochs_or_budget, read_experiment
+from fer_tune.evaluate.experiment import check_epochs_or_budget, check_overrides, read_experiment
 from fer_tune.train.checkpoint import load_checkpoint
 from fer_tune.train.config import MEAN_ACC, METRICS, TrainConfig, selection_sign
 from fer_tune.train.loop import TrainData, fit
@@ -52,15 +52,22 @@ FREEZE = {"full": "none", "freeze-lower": "lower", "linear-probe": "backbone", "
 LR_FACTOR = {"full": 0.1, "freeze-lower": 0.1, "linear-probe": 1.0, "joint": 0.1}
 DEFAULT_JOINT_FRACTION = 0.5
 SELECT = ("target", "mean")
+# Config keys a transfer sets itself, refused in `--set` with what to use instead.
+OWN_FLAGS = {"epochs": "use --epochs or --time-budget", "time_budget": "use --time-budget", "seed": "use --seed",
+             "lr": "use --lr-factor", "freeze": "use --strategy", "select_metric": "use --select",
+             "subset": "it fine-tunes on all of the target's train split",
+             **{k: "the network fine-tuned is the source model's" for k in ("model", "model_kwargs", "pretrained")}}
 
 
 def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "full",
              storage: str | Path = "results", checkpoint: str | Path | None = None,
              source_dataset: str | None = None, epochs: int | None = None, lr_factor: float | None = None,
-             joint_fraction: float | None = None, select: str = "target", seed: int | None = None,
+             joint_fraction: float | None = None, select: str = "target", overrides: dict | None = None,
+             seed: int | None = None,
              time_budget: float | None = None, tta: bool | str | None = None, data_root: str | Path | None = None,
              device: str | None = None, force: bool = False, progress: bool = True, log=print) -> dict:
-    """Zero-shot, fine-tune (one strategy or "all"), forgetting check; writes `<experiment>/transfer/`."""
+    """Zero-shot, fine-tune (one strategy or "all"), forgetting check; writes `<experiment>/transfer/`.
+    `overrides` (`--set`) change other config keys of the fine-tuning runs, e.g. {"warmup_epochs": 3}."""
     from fer_tune import data as datasets
     from fer_tune.data.prepared import atomic_dir
 
@@ -77,6 +84,7 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
     if not 0 < joint_fraction < 1:
         raise UserError(f"--joint-fraction {joint_fraction}: must lie strictly between 0 and 1")
     check_epochs_or_budget(epochs, time_budget)
+    overrides = check_overrides(overrides or {}, OWN_FLAGS, "transfer")
     if lr_factor is not None and not lr_factor > 0:
         raise UserError(f"--lr-factor {lr_factor}: must be > 0")
     exp = read_experiment(experiment, storage)
@@ -99,6 +107,8 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
             f"transfer fine-tunes one network, the one with the best val score: {ckpt_path.parent.name}")
 
     base = TrainConfig.from_dict(state["config"], source=f"{ckpt_path} config")
+    if overrides:
+        base = TrainConfig.from_dict({**base.to_dict(), **overrides}, source="--set")
     n_epochs = epochs or max(1, round(base.epochs / 2))
     seed = base.seed if seed is None else seed
     log(f"transfer {src.name} -> {tgt.name} from {ckpt_path}: strategies {', '.join(strategies)}, "
@@ -137,7 +147,7 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
                 "source": split_scores(score_on_test(st, src_test.images, tta=tta, device=device), src_test.labels,
                                        src_test.classes, src_test.train_copy)}
         metrics = _metrics(exp, ckpt_path, src, tgt, runs, tests, tta=tta, joint_fraction=joint_fraction,
-                           select=select, zero_shot_val=zero_shot_val, seconds=time.time() - t0)
+                           select=select, overrides=overrides, zero_shot_val=zero_shot_val, seconds=time.time() - t0)
         write_transfer_report(out, metrics, runs)
     log(comparison_table(metrics))
     log(f"written: {exp.transfer_dir}/ (report.md, metrics.json)")
@@ -213,7 +223,8 @@ def _check_compatible(src, tgt, state: dict, ckpt: Path) -> None:
 
 # -- metrics and report ---------------------------------------------------------------------------
 
-def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, select, zero_shot_val, seconds) -> dict:
+def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, select, overrides, zero_shot_val,
+             seconds) -> dict:
     before = tests["zero-shot"]["source"]["all"]["accuracy"]
     rows = []
     for name, t in tests.items():
@@ -244,6 +255,7 @@ def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, select, z
             "mixture": run["mix"], "checkpoint": f"{name}/best.pt", "config": run["result"].config.to_dict(),
         } for name, run in runs.items()},
         "joint_fraction": joint_fraction if "joint" in runs else None,
+        "overrides": overrides,
         "selection": {"select": select, "metric": next(iter(runs.values()))["result"].config.select_metric
                       if runs else None},
         "test": tests,
