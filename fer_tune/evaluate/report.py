@@ -39,6 +39,7 @@ def plot_learning_curves(histories: dict[str, list[dict]], path: Path, title: st
     colour per run; the selected epoch of each run (`selected`, else its best val_acc) is marked."""
     plt = _plt()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    source = False  # any run with the source's val curve (fine-tuning)
     for i, (name, history) in enumerate(histories.items()):
         if not history:
             continue
@@ -49,11 +50,11 @@ def plot_learning_curves(histories: dict[str, list[dict]], path: Path, title: st
         ax_acc.plot(epochs, [h["train_acc"] for h in history], "--", color=color, alpha=0.8)
         ax_acc.plot(epochs, [h["val_acc"] for h in history], "-", color=color, label=name)
         if "val_source_acc" in history[0]:
+            source = True
             ax_acc.plot(epochs, [h["val_source_acc"] for h in history], ":", color=color, linewidth=2)
         chosen = (selected or {}).get(name)
         best = next((h for h in history if h["epoch"] == chosen), None) or max(history, key=lambda h: h["val_acc"])
         ax_acc.plot([best["epoch"]], [best["val_acc"]], "o", color=color, markersize=6)
-    source = any(h and "val_source_acc" in h[0] for h in histories.values())
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy (o = selected epoch)")
     for ax in (ax_loss, ax_acc):

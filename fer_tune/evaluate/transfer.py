@@ -111,6 +111,7 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
         base = TrainConfig.from_dict({**base.to_dict(), **overrides}, source="--set")
     n_epochs = epochs or max(1, round(base.epochs / 2))
     seed = base.seed if seed is None else seed
+    selection = {"select": select, "metric": selection_metric(select, base)}
     log(f"transfer {src.name} -> {tgt.name} from {ckpt_path}: strategies {', '.join(strategies)}, "
         + (f"as many epochs as fit in {time_budget:.0f} s each" if time_budget else f"{n_epochs} epochs each"))
 
@@ -121,7 +122,7 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
         for name in strategies:
             cfg = base.replace(freeze=FREEZE[name], lr=base.lr * (lr_factor or LR_FACTOR[name]), epochs=n_epochs,
                                seed=seed, subset=1.0, time_budget=time_budget or 0.0,
-                               select_metric=selection_metric(select, base))
+                               select_metric=selection["metric"])
             data, mix = (joint_data(tgt_data, src, joint_fraction, seed) if name == "joint" else (tgt_data, None))
             log(f"fine-tuning: {name} (freeze {cfg.freeze}, lr {cfg.lr:.3g}, {len(data.train_y)} train images"
                 + (f", {mix['source_images']} of them from {src.name}" if mix else "") + ")")
@@ -147,7 +148,8 @@ def transfer(experiment: str | Path | None = None, *, to: str, strategy: str = "
                 "source": split_scores(score_on_test(st, src_test.images, tta=tta, device=device), src_test.labels,
                                        src_test.classes, src_test.train_copy)}
         metrics = _metrics(exp, ckpt_path, src, tgt, runs, tests, tta=tta, joint_fraction=joint_fraction,
-                           select=select, overrides=overrides, zero_shot_val=zero_shot_val, seconds=time.time() - t0)
+                           selection=selection, overrides=overrides, zero_shot_val=zero_shot_val,
+                           seconds=time.time() - t0)
         write_transfer_report(out, metrics, runs)
     log(comparison_table(metrics))
     log(f"written: {exp.transfer_dir}/ (report.md, metrics.json)")
@@ -223,7 +225,7 @@ def _check_compatible(src, tgt, state: dict, ckpt: Path) -> None:
 
 # -- metrics and report ---------------------------------------------------------------------------
 
-def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, select, overrides, zero_shot_val,
+def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, selection, overrides, zero_shot_val,
              seconds) -> dict:
     before = tests["zero-shot"]["source"]["all"]["accuracy"]
     rows = []
@@ -256,8 +258,7 @@ def _metrics(exp, ckpt, src, tgt, runs, tests, *, tta, joint_fraction, select, o
         } for name, run in runs.items()},
         "joint_fraction": joint_fraction if "joint" in runs else None,
         "overrides": overrides,
-        "selection": {"select": select, "metric": next(iter(runs.values()))["result"].config.select_metric
-                      if runs else None},
+        "selection": selection,
         "test": tests,
         "seconds": round(seconds, 1),
     }
@@ -304,7 +305,7 @@ def write_transfer_report(out: Path, metrics: dict, runs: dict) -> None:
 
 
 def _selection_words(m: dict, tgt: str, src: str) -> str:
-    metric = (m.get("selection") or {}).get("metric") or "val_acc"
+    metric = m["selection"]["metric"]
     if metric == MEAN_ACC:
         return f"the mean of {tgt} val and {src} val accuracy"
     return f"{tgt} val ({metric})"

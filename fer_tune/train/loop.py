@@ -106,6 +106,11 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
     any dict with its `model` weights and `norm`) starts a new run from trained weights, as
     fine-tuning does, with the input normalisation those weights were trained with.
     """
+    if "mean" in data.extra_val:
+        raise ValueError(f"TrainData.extra_val: the name 'mean' is taken ({MEAN_ACC}); call the set something else")
+    if cfg.select_metric == MEAN_ACC and not data.extra_val:
+        raise UserError(f"select_metric {MEAN_ACC} averages val_acc with other val sets' accuracy, and this run "
+                        "has none; use val_acc (fine-tuning adds its source's val: `fer-tune transfer --select mean`)")
     run_start = time.perf_counter()
     reporter = reporter or Reporter()
     device = pick_device(device)
@@ -123,11 +128,6 @@ def fit(cfg: TrainConfig, data: TrainData, reporter: Reporter | None = None, *,
     extra_val = {name: (torch.as_tensor(np.ascontiguousarray(x)).to(device),
                         torch.as_tensor(np.asarray(y, dtype=np.int64)).to(device))
                  for name, (x, y) in data.extra_val.items()}
-    if "mean" in extra_val:
-        raise ValueError(f"TrainData.extra_val: the name 'mean' is taken ({MEAN_ACC}); call the set something else")
-    if cfg.select_metric == MEAN_ACC and not extra_val:
-        raise UserError(f"select_metric {MEAN_ACC} averages val_acc with other val sets' accuracy, and this run "
-                        "has none; use val_acc (fine-tuning adds its source's val: `fer-tune transfer --select mean`)")
     num_classes = len(data.classes)
     in_chans, img_size = train_x.shape[1], train_x.shape[-1]
     start = resume or init
